@@ -1,0 +1,514 @@
+"""HTTP client for the platform API and the SSH gateway.
+
+Retries follow HTTP semantics (tenacity drives them, one rate-budget slot per attempt):
+
+* GET and DELETE are idempotent: retried on network failures, timeouts, 429, 5xx.
+* Authorizing a key is idempotent too (the same key for the same session): same policy.
+* ``POST .../ssh-session`` creates something, so it is retried only when the request
+  provably never reached the server (the TCP connect failed or timed out), or on a 429 or
+  503 that carries ``Retry-After`` (the server says it did nothing and when to come back).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterable
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import requests
+from pydantic import ValidationError
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
+
+from ._version import __version__
+from ._config import Config, load_config
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeout,
+    AuthenticationError,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    PaymentRequired,
+    RateLimited,
+    RequestValidationError,
+    ServerError,
+)
+from ._models import (
+    AuthorizeKeyRequest,
+    CreateSSHSessionRequest,
+    ErrorDetail,
+    ErrorResponse,
+    Sandbox,
+    SSHSession,
+)
+from ._ratelimit import SlidingWindowBudget, budget_for
+
+log = logging.getLogger("sshbridge.api")
+
+T = TypeVar("T")
+
+_SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+MAX_TTL = 3600
+DEFAULT_TTL = 900
+# A Retry-After longer than this is not waited for: the error goes to the caller.
+MAX_RETRY_AFTER = 60.0
+
+
+def validate_sandbox_id(sandbox_id: object) -> str:
+    """Return ``sandbox_id`` if it is a plain id that cannot alter a URL path."""
+    if not isinstance(sandbox_id, str):
+        raise InvalidArgument(f"sandbox_id must be a string, got {type(sandbox_id).__name__}")
+    if not _SANDBOX_ID_RE.fullmatch(sandbox_id):
+        raise InvalidArgument(
+            f"sandbox_id {sandbox_id[:80]!r} is not a valid sandbox id: use the id shown by "
+            "`prime sandbox list` (letters, digits, '_' and '-', at most 128 characters)"
+        )
+    return sandbox_id
+
+
+def validate_ttl(ttl_seconds: object) -> int:
+    """TTL must be an int in 1..3600 (the API's own bounds), checked before any request."""
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
+        raise InvalidArgument(
+            f"ttl_seconds must be an int number of seconds, got {type(ttl_seconds).__name__}"
+        )
+    if not 1 <= ttl_seconds <= MAX_TTL:
+        raise InvalidArgument(
+            f"ttl_seconds must be between 1 and {MAX_TTL}, got {ttl_seconds}"
+        )
+    return ttl_seconds
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _Redactor:
+    """Removes known secrets from any text that may reach a message or a log."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _error_detail(body: Any) -> tuple[str | None, list[ErrorDetail]]:
+    """FastAPI ``{"detail": ...}`` and the spec's ``{"errors": [...]}`` both appear."""
+    errors: list[ErrorDetail] = []
+    detail: str | None = None
+    if isinstance(body, dict):
+        if "errors" in body:
+            try:
+                errors = ErrorResponse.model_validate(body).errors
+            except ValidationError:
+                errors = []
+        raw = body.get("detail", body.get("message", body.get("error")))
+        if isinstance(raw, str):
+            detail = raw
+        elif isinstance(raw, list):
+            # FastAPI's own validation errors: [{"loc": [...], "msg": ...}]
+            parts = []
+            for item in raw:
+                if isinstance(item, dict):
+                    loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                    parts.append(f"{loc}: {item.get('msg', '')}".strip(": "))
+                    if loc:
+                        errors.append(ErrorDetail(param=loc, details=str(item.get("msg", ""))))
+            detail = "; ".join(parts) or None
+        if detail is None and errors:
+            detail = "; ".join(f"{e.param}: {e.details}" for e in errors)
+    elif isinstance(body, str) and body.strip():
+        detail = body.strip()[:300]
+    return detail, errors
+
+
+_HINTS = {
+    401: "check PRIME_API_KEY (or api_key in ~/.prime/config.json)",
+    403: "this API key may not access that sandbox; check PRIME_TEAM_ID and the key's scopes",
+    402: "the account has no credit or payment method; add one in the Prime Intellect dashboard",
+    404: "check the sandbox id and that it belongs to this key's account or team",
+    409: "the sandbox is not in a state that allows this; check its status",
+    422: "the request's fields were rejected",
+    429: "the API's rate limit was hit",
+}
+
+
+class _Attempt:
+    """Carries what the retry policy needs to know about a failed attempt."""
+
+    def __init__(self, error: APIError, *, retryable: bool, retry_after: float | None) -> None:
+        self.error = error
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class _RetryableFailure(Exception):
+    def __init__(self, attempt: _Attempt) -> None:
+        super().__init__(str(attempt.error))
+        self.attempt = attempt
+
+
+class _StopAfterDeadline(stop_base):
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+class APIClient:
+    """Thin, typed client for the sandbox SSH endpoints and the gateway.
+
+    Thread-safe (one ``requests.Session``; requests' connection pool is thread-safe for
+    this use). Never logs or repeats the API key or a session token.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        team_id: str | None = None,
+        timeout: float | tuple[float, float] = (5.0, 30.0),
+        max_retries: int = 4,
+        retry_deadline: float = 60.0,
+        rate_limit_wait: float = 120.0,
+        http: requests.Session | None = None,
+    ) -> None:
+        self.config = config or load_config(api_key=api_key, base_url=base_url, team_id=team_id)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, tuple)):
+            raise InvalidArgument("timeout must be seconds or a (connect, read) tuple")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidArgument("max_retries must be an int >= 0")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_deadline = float(retry_deadline)
+        self.rate_limit_wait = float(rate_limit_wait)
+        self._http = http or requests.Session()
+        self._owns_http = http is None
+        self._http.headers["User-Agent"] = f"sshbridge/{__version__}"
+        self._redact = _Redactor([self.config.api_key])
+        # Exposed for tests and tools; each entry: (monotonic time, method, path, status)
+        self.calls: list[tuple[float, str, str, int | None]] = []
+
+    def __repr__(self) -> str:
+        return f"APIClient(base_url={self.config.base_url!r})"
+
+    def __enter__(self) -> APIClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    def get_sandbox(self, sandbox_id: str) -> Sandbox:
+        sid = validate_sandbox_id(sandbox_id)
+        body = self._call("GET", f"/api/v1/sandbox/{_seg(sid)}", idempotent=True)
+        return self._parse(Sandbox, body, "sandbox")
+
+    def create_ssh_session(self, sandbox_id: str, ttl_seconds: int = DEFAULT_TTL) -> SSHSession:
+        sid = validate_sandbox_id(sandbox_id)
+        ttl = validate_ttl(ttl_seconds)
+        payload = CreateSSHSessionRequest(ttl_seconds=ttl).model_dump()
+        body = self._call(
+            "POST",
+            f"/api/v1/sandbox/{_seg(sid)}/ssh-session",
+            json=payload,
+            idempotent=False,
+            budget=budget_for(self.config.base_url, self.config.api_key, sid),
+        )
+        session = self._parse(SSHSession, body, "SSH session")
+        # The token is a secret from now on: keep it out of every message.
+        self._redact = _Redactor([self.config.api_key, session.token.get_secret_value()])
+        log.debug("created SSH session %s for sandbox %s", session.session_id, sid)
+        return session
+
+    def close_ssh_session(self, sandbox_id: str, session_id: str) -> bool:
+        """DELETE the session. Returns False if the API no longer knew it (already closed)."""
+        sid = validate_sandbox_id(sandbox_id)
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidArgument("session_id must be a non-empty string")
+        try:
+            self._call(
+                "DELETE",
+                f"/api/v1/sandbox/{_seg(sid)}/ssh-session/{_seg(session_id)}",
+                idempotent=True,
+            )
+        except NotFound:
+            # A retried DELETE whose first try succeeded lands here too.
+            return False
+        log.debug("closed SSH session %s of sandbox %s", session_id, sid)
+        return True
+
+    def authorize_key(self, session: SSHSession, public_key: str) -> None:
+        """Authorize ``public_key`` ("ssh-ed25519 AAAA...") to log in as the session."""
+        if not isinstance(session, SSHSession):
+            raise InvalidArgument("session must be an SSHSession from create_ssh_session()")
+        if not isinstance(public_key, str) or not public_key.startswith("ssh-"):
+            raise InvalidArgument("public_key must be an OpenSSH public key line ('ssh-...')")
+        base = session.gateway_url.rstrip("/")
+        url = f"{base}/{_seg(session.user_ns)}/{_seg(session.job_id)}/authorize"
+        payload = AuthorizeKeyRequest(
+            session_id=session.session_id,
+            public_key=public_key,
+            ttl_seconds=session.ttl_seconds,
+        ).model_dump()
+        token = session.token.get_secret_value()
+        redact = _Redactor([self.config.api_key, token])
+        self._call(
+            "POST",
+            url,
+            json=payload,
+            idempotent=True,
+            bearer=token,
+            redact=redact,
+            what="authorize key at the SSH gateway",
+        )
+
+    # -- machinery ---------------------------------------------------------------------
+
+    def _parse(self, model: type[T], body: Any, what: str) -> T:
+        try:
+            return model.model_validate(body)  # type: ignore[attr-defined,no-any-return]
+        except ValidationError as exc:
+            fields = ", ".join(
+                ".".join(str(p) for p in err["loc"]) or "<body>" for err in exc.errors()
+            )
+            raise APIError(
+                f"the API answered with a {what} this client cannot read (bad or missing "
+                f"fields: {fields}); upgrade sshbridge or report it"
+            ) from None
+
+    def _call(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        json: Any = None,
+        idempotent: bool,
+        bearer: str | None = None,
+        budget: SlidingWindowBudget | None = None,
+        redact: Callable[[str], str] | None = None,
+        what: str | None = None,
+    ) -> Any:
+        url = path_or_url if "://" in path_or_url else self.config.base_url + path_or_url
+        red = redact or self._redact
+        label = what or f"{method} {path_or_url}"
+        deadline = time.monotonic() + self.retry_deadline
+
+        def attempt() -> Any:
+            if budget is not None:
+                budget.acquire(self.rate_limit_wait, what=label)
+            return self._once(method, url, json, bearer, idempotent, red, label, budget)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            hinted = exc.attempt.retry_after if isinstance(exc, _RetryableFailure) else None
+            if hinted is not None:
+                return min(hinted, MAX_RETRY_AFTER)
+            backoff = min(5.0, 0.25 * (2 ** (state.attempt_number - 1)))
+            return backoff * (0.5 + random.random() / 2)
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_retries + 1) | _StopAfterDeadline(deadline),
+            wait=wait,
+            retry=retry_if_exception(lambda e: isinstance(e, _RetryableFailure)),
+            reraise=True,
+            before_sleep=lambda s: log.info(
+                "%s failed (%s); retrying", label, s.outcome.exception() if s.outcome else "?"
+            ),
+        )
+        try:
+            return retrying(attempt)
+        except _RetryableFailure as failure:
+            raise failure.attempt.error from None
+
+    def _once(
+        self,
+        method: str,
+        url: str,
+        json: Any,
+        bearer: str | None,
+        idempotent: bool,
+        redact: Callable[[str], str],
+        label: str,
+        budget: SlidingWindowBudget | None,
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {bearer or self.config.api_key}"}
+        if json is not None:
+            headers["Content-Type"] = "application/json"
+        path = url.split("://", 1)[-1]
+        path = path[path.find("/") :] if "/" in path else "/"
+        try:
+            response = self._http.request(
+                method, url, json=json, headers=headers, timeout=self.timeout
+            )
+        except requests.exceptions.ConnectTimeout:
+            err: APIError = APITimeout(
+                f"{label}: connecting to {self.config.base_url if url.startswith(self.config.base_url) else 'the gateway'} timed out; check the network or PRIME_API_BASE_URL"
+            )
+            self.calls.append((time.monotonic(), method, path, None))
+            raise _RetryableFailure(_Attempt(err, retryable=True, retry_after=None)) from None
+        except requests.exceptions.Timeout:
+            err = APITimeout(f"{label}: no answer within {self.timeout} s")
+            self.calls.append((time.monotonic(), method, path, None))
+            if idempotent:
+                raise _RetryableFailure(_Attempt(err, retryable=True, retry_after=None)) from None
+            raise err from None
+        except requests.exceptions.ConnectionError as exc:
+            never_sent = _never_sent(exc)
+            err = APIConnectionError(
+                f"{label}: cannot reach the API ({_short_reason(exc, redact)}); check the "
+                "network or PRIME_API_BASE_URL"
+            )
+            self.calls.append((time.monotonic(), method, path, None))
+            if idempotent or never_sent:
+                raise _RetryableFailure(_Attempt(err, retryable=True, retry_after=None)) from None
+            raise err from None
+        except requests.exceptions.RequestException as exc:
+            self.calls.append((time.monotonic(), method, path, None))
+            raise APIConnectionError(f"{label}: {_short_reason(exc, redact)}") from None
+
+        self.calls.append((time.monotonic(), method, path, response.status_code))
+        log.debug("%s %s -> %s", method, path, response.status_code)
+        if response.status_code < 400:
+            if response.status_code == 204 or not response.content:
+                return None
+            try:
+                return response.json()
+            except ValueError:
+                raise APIError(
+                    f"{label}: the API answered {response.status_code} with a body that is "
+                    "not JSON"
+                ) from None
+        error, retry_after = _status_error(response, method, path, label, redact)
+        status = response.status_code
+        if status == 429 and retry_after is not None and budget is not None:
+            budget.block_for(min(retry_after, MAX_RETRY_AFTER))
+        hinted_ok = retry_after is not None and retry_after <= MAX_RETRY_AFTER
+        if status in (429, 503) and hinted_ok:
+            raise _RetryableFailure(_Attempt(error, retryable=True, retry_after=retry_after))
+        if idempotent and (status == 429 or status >= 500) and (
+            retry_after is None or hinted_ok
+        ):
+            raise _RetryableFailure(_Attempt(error, retryable=True, retry_after=retry_after))
+        raise error
+
+
+def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
+    """True when the failure happened while opening the TCP connection (nothing was sent)."""
+    from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (NewConnectionError, NameResolutionError, ConnectionRefusedError)):
+            return True
+        reason = getattr(cur, "reason", None)
+        if isinstance(reason, BaseException) and id(reason) not in seen:
+            cur = reason
+            continue
+        args = getattr(cur, "args", ())
+        nxt = next((a for a in args if isinstance(a, BaseException)), None)
+        cur = nxt or cur.__cause__ or cur.__context__
+    return False
+
+
+def _short_reason(exc: BaseException, redact: Callable[[str], str]) -> str:
+    text = str(exc)
+    m = re.search(r"(Connection refused|Name or service not known|"
+                  r"Temporary failure in name resolution|Connection reset by peer|"
+                  r"Remote end closed connection without response|timed out)", text)
+    return redact(m.group(1) if m else text[:200])
+
+
+def _status_error(
+    response: requests.Response,
+    method: str,
+    path: str,
+    label: str,
+    redact: Callable[[str], str],
+) -> tuple[APIStatusError, float | None]:
+    status = response.status_code
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    detail, errors = _error_detail(body)
+    detail = redact(detail) if detail else None
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    reason = response.reason or ""
+    msg = f"{label}: {status} {reason}".rstrip()
+    if detail:
+        msg += f": {detail}"
+    kw: dict[str, Any] = {
+        "status_code": status,
+        "method": method,
+        "path": path,
+        "detail": detail,
+        "body": body if isinstance(body, (dict, list)) else None,
+    }
+    hint = _HINTS.get(status)
+    if "/authorize" in path and status in (401, 403, 404, 410):
+        hint = "the gateway refused the session token; the session may have expired or closed"
+    if status in (401, 403):
+        return AuthenticationError(f"{msg} ({hint})", **kw), None
+    if status == 402:
+        return PaymentRequired(f"{msg} ({hint})", **kw), None
+    if status == 404:
+        return NotFound(f"{msg} ({hint})", **kw), None
+    if status == 409:
+        return Conflict(f"{msg} ({hint})", **kw), None
+    if status == 422:
+        listed = "; ".join(f"{e.param}: {e.details}" for e in errors)
+        text = f"{label}: 422 invalid request" + (f": {redact(listed)}" if listed else "")
+        if not listed and detail:
+            text += f": {detail}"
+        return RequestValidationError(text, errors=errors, **kw), None
+    if status == 429:
+        wait = f"retry after {retry_after:g} s" if retry_after is not None else "retry later"
+        return RateLimited(f"{msg} ({hint}; {wait})", retry_after=retry_after, **kw), retry_after
+    if status >= 500:
+        return (
+            ServerError(
+                f"{msg} (the API failed; usually transient, retry later)",
+                retry_after=retry_after,
+                **kw,
+            ),
+            retry_after,
+        )
+    return APIStatusError(f"{msg}" + (f" ({hint})" if hint else ""), **kw), retry_after

@@ -1,0 +1,299 @@
+"""A link: one API-minted SSH session and the transports open to it.
+
+A link owns one or more paramiko transports to the same session. Channels go to the
+transport with the fewest open; when the server refuses a channel (OpenSSH caps a
+connection at 10 sessions, fewer in practice) another transport is opened rather than
+failing the call. A refused channel never closes a transport: that would kill every
+command running on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import paramiko
+
+from ._exceptions import ChannelOpenError, ConnectionLost, SessionExpired, SSHConnectError
+from ._hostkeys import HostKeyPolicy
+from ._models import SSHSession
+from ._transport import EphemeralKey, connect
+
+log = logging.getLogger("sshbridge.link")
+
+CHANNEL_OPEN_TIMEOUT = 30.0
+
+
+class _Conn:
+    __slots__ = ("channels", "transport")
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self.transport = transport
+        self.channels = 0
+
+
+class Link:
+    def __init__(
+        self,
+        session: SSHSession,
+        key: EphemeralKey,
+        *,
+        sandbox_id: str,
+        policy: HostKeyPolicy,
+        expires_monotonic: float,
+        keepalive: float,
+        connect_timeout: float,
+        max_connections: int,
+    ) -> None:
+        self.session = session
+        self.key = key
+        self.sandbox_id = sandbox_id
+        self.policy = policy
+        self.expires_monotonic = expires_monotonic
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self._conns: list[_Conn] = []
+        self._lock = threading.Lock()
+        self._connecting = threading.Lock()
+        self._sftp_idle: list[tuple[_Conn, paramiko.SFTPClient]] = []
+        self._closed = False
+        self._generation = 0
+        self.active_channels = 0
+        self._idle = threading.Condition(self._lock)
+
+    def __repr__(self) -> str:
+        return (
+            f"Link(session_id={self.session.session_id!r}, connections={len(self._conns)}, "
+            f"expires_at={self.session.expires_at.isoformat()})"
+        )
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.expires_monotonic
+
+    @property
+    def remaining(self) -> float:
+        return self.expires_monotonic - time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        with self._lock:
+            return any(c.transport.is_active() for c in self._conns)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def lost_error(self, what: str) -> ConnectionLost:
+        sid = self.session.session_id
+        if self.expired:
+            when = self.session.expires_at.astimezone(timezone.utc).isoformat(timespec="seconds")
+            return SessionExpired(
+                f"sandbox {self.sandbox_id}: SSH session {sid} expired at {when} and its "
+                f"connection was closed {what}; work that outlives a session belongs in "
+                "spawn() (durable jobs)"
+            )
+        return ConnectionLost(
+            f"sandbox {self.sandbox_id}: the SSH connection of session {sid} dropped {what}; "
+            "the next call reconnects, but this command's outcome is unknown"
+        )
+
+    # -- connections ---------------------------------------------------------------------
+
+    def connect(self, deadline: float | None = None) -> None:
+        """Open a transport to the session (retrying until the deadline)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.connect_timeout
+        transport = connect(
+            self.session.host,
+            self.session.port,
+            self.session.session_id,
+            self.key,
+            sandbox_id=self.sandbox_id,
+            policy=self.policy,
+            deadline=deadline,
+            keepalive=self.keepalive,
+        )
+        with self._lock:
+            if self._closed:
+                transport.close()
+                raise ConnectionLost("the link was closed while connecting")
+            self._conns.append(_Conn(transport))
+            self._generation += 1
+
+    def _prune(self) -> None:
+        dead = [c for c in self._conns if not c.transport.is_active()]
+        for c in dead:
+            self._conns.remove(c)
+            self._sftp_idle = [(cc, s) for cc, s in self._sftp_idle if cc is not c]
+            c.transport.close()
+
+    def _grow(self, seen: int) -> bool:
+        """Open one more transport if allowed; one thread at a time. True if one exists.
+
+        ``seen`` is the generation the caller tried; if another thread has added a
+        transport since, the caller just tries again instead of adding one more.
+        """
+        with self._connecting:
+            with self._lock:
+                self._prune()
+                if self._generation != seen:
+                    return True
+                if len(self._conns) >= self.max_connections:
+                    return False
+                count = len(self._conns)
+            try:
+                self.connect(time.monotonic() + min(self.connect_timeout, 15.0))
+            except SSHConnectError:
+                log.debug("could not add a connection to %s", self.session.session_id)
+                return count > 0
+            return True
+
+    def open_channel(self, timeout: float = CHANNEL_OPEN_TIMEOUT) -> paramiko.Channel:
+        """A new session channel; falls over to another transport when one is refused."""
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ConnectionLost(f"session {self.session.session_id} is closed")
+                self._prune()
+                candidates = sorted(self._conns, key=lambda c: c.channels)
+                generation = self._generation
+                for c in candidates:
+                    c.channels += 1
+                self.active_channels += 1
+            refused = 0
+            chan = None
+            try:
+                for c in candidates:
+                    try:
+                        chan = c.transport.open_session(timeout=max(1.0, deadline - time.monotonic()))
+                    except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
+                        if c.transport.is_active():
+                            refused += 1
+                        continue
+                    # The channel keeps its connection's count until it closes.
+                    self._track(c, chan)
+                    return chan
+            finally:
+                with self._lock:
+                    for c in candidates:
+                        c.channels -= 1
+                    if chan is None:
+                        self.active_channels -= 1
+                        self._idle.notify_all()
+            if not candidates or refused == len(candidates):
+                if not candidates and self.expired:
+                    raise self.lost_error("before a channel could open")
+                if self._grow(generation):
+                    continue
+            if not candidates and not self._conns:
+                raise self.lost_error("before a channel could open")
+            if time.monotonic() >= deadline:
+                raise ChannelOpenError(
+                    f"sandbox {self.sandbox_id}: the server refused new channels for "
+                    f"{timeout:g} s on {len(self._conns)} connection(s); too many concurrent "
+                    "commands, or lower the concurrency"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _track(self, conn: _Conn, chan: paramiko.Channel) -> None:
+        with self._lock:
+            conn.channels += 1
+        original_close = chan.close
+        done = [False]
+
+        def close() -> None:
+            original_close()
+            with self._lock:
+                if not done[0]:
+                    done[0] = True
+                    conn.channels -= 1
+                    self.active_channels -= 1
+                    self._idle.notify_all()
+
+        chan.close = close  # type: ignore[method-assign]
+
+    # -- SFTP pool -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def sftp(self) -> Iterator[paramiko.SFTPClient]:
+        """Borrow an SFTP client; clients are pooled per link and never shared at once."""
+        with self._lock:
+            self._prune()
+            pair = self._sftp_idle.pop() if self._sftp_idle else None
+        if pair is None or not pair[0].transport.is_active():
+            chan = self.open_channel()
+            try:
+                chan.invoke_subsystem("sftp")
+                client = paramiko.SFTPClient(chan)
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                chan.close()
+                raise self.lost_error(f"while starting SFTP ({exc})") from None
+            conn = next((c for c in self._conns if c.transport is chan.get_transport()), None)
+            pair = (conn or _Conn(chan.get_transport()), client)  # type: ignore[arg-type]
+        ok = False
+        try:
+            yield pair[1]
+            ok = True
+        finally:
+            chan = pair[1].get_channel()
+            reusable = ok and chan is not None and not chan.closed and not self._closed
+            if reusable:
+                with self._lock:
+                    self._sftp_idle.append(pair)
+            else:
+                pair[1].close()
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def wait_idle(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._lock:
+            while self.active_channels - len(self._sftp_idle) > 0:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns, self._conns = self._conns, []
+            idle, self._sftp_idle = self._sftp_idle, []
+        for _, client in idle:
+            with contextlib.suppress(Exception):
+                client.close()
+        for c in conns:
+            with contextlib.suppress(Exception):
+                c.transport.close()
+
+
+def session_life(session: SSHSession, requested_at_wall: float, requested_at_mono: float) -> float:
+    """Monotonic expiry of a session, robust to clock skew.
+
+    ``expires_at`` is the server's clock. Measured against ours it can be off by any skew,
+    so it is trusted only when it is consistent with ``ttl_seconds`` (never longer than
+    the TTL, never already past); otherwise the TTL from the request time is used.
+    """
+    by_clock = session.expires_at.timestamp() - requested_at_wall
+    life = float(session.ttl_seconds)
+    if 0 < by_clock < life:
+        life = by_clock
+    return requested_at_mono + life
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,457 @@
+"""Start a throwaway OpenSSH ``sshd`` on a loopback port for interop tests.
+
+This is a helper module, not a test module.  Typical use from a fixture::
+
+    server = start_sshd(tmp_path)
+    try:
+        server.authorized_keys_file.open("a").write(public_line + "\\n")
+        ...  # connect to server.host:server.port as server.username
+    finally:
+        server.stop()
+
+Design notes
+------------
+* The server listens on 127.0.0.1 only, on a free ephemeral port (picked by
+  binding port 0; a start that loses a bind race is retried on a new port).
+* A fresh ed25519 host key is generated for every server (``cryptography`` if
+  importable, else ``ssh-keygen``).
+* ``StrictModes no``: pytest's temporary directories live under ``/tmp``
+  (mode 1777), which sshd's StrictModes path walk rejects for the
+  AuthorizedKeysFile.  The file itself is still created with mode 0600.
+* HOME pinning: ``SetEnv HOME=<home>`` in sshd_config.  OpenSSH applies the
+  server's ``SetEnv`` list *after* it has filled in the login environment
+  (``do_setup_env`` in session.c), so it overrides the ``HOME`` taken from the
+  passwd entry.  The user's shell then expands ``~`` from ``$HOME``, so bash
+  (which sources ``~/.bashrc`` for commands run by sshd) reads the empty
+  ``<home>/.bashrc`` instead of the real user's rc files; login shells read the
+  empty ``<home>/.bash_profile``.  ``PermitUserRC no`` stops sshd from running
+  ``~/.ssh/rc`` (that one is resolved against the passwd home directory, which
+  is also the session's working directory).  This needs no system user and no
+  change outside ``tmp_dir``; tests/test_sshd_fixture.py proves that the
+  pinned rc file is the one that runs.
+* SFTP uses ``internal-sftp``: it runs inside sshd without starting the user's
+  shell, so it is the fastest and does not depend on the rc files at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["SSHDServer", "SSHDStartError", "find_sshd", "start_sshd"]
+
+_SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd", "/usr/bin/sshd")
+_START_TIMEOUT = 10.0
+_STOP_TIMEOUT = 5.0
+_BIND_RETRIES = 5
+_BIND_ERRORS = ("Address already in use", "Cannot bind any address", "bind to port")
+
+
+class SSHDStartError(RuntimeError):
+    """sshd could not be configured or did not come up."""
+
+
+@dataclass
+class SSHDServer:
+    host: str
+    port: int
+    username: str
+    authorized_keys_file: pathlib.Path
+    host_key_public: str
+    home: pathlib.Path
+    # Extras (not needed by most callers).
+    config_file: pathlib.Path | None = None
+    log_file: pathlib.Path | None = None
+    host_key_file: pathlib.Path | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def add_authorized_key(self, public_line: str) -> None:
+        """Append one ``type base64 [comment]`` line to the authorized_keys file."""
+        with self.authorized_keys_file.open("a", encoding="utf-8") as fh:
+            fh.write(public_line.strip() + "\n")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_file, lines) if self.log_file else ""
+
+    def stop(self) -> None:
+        """Stop sshd and the per-connection processes it forked. Idempotent."""
+        proc = self.process
+        if proc is None:
+            return
+        self.process = None
+        # Connection handlers call setsid(), so they are not in sshd's process
+        # group; find them (descendants of our sshd only) before it goes away.
+        children = _descendants(proc.pid) if proc.poll() is None else []
+        _terminate(proc)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while children and time.monotonic() < deadline:
+            children = [p for p in children if _alive(p)]
+            if children:
+                time.sleep(0.02)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> SSHDServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def find_sshd() -> str | None:
+    """Absolute path of an executable sshd, or None."""
+    for cand in _SSHD_CANDIDATES:
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which("sshd")
+    return os.path.abspath(found) if found else None
+
+
+def start_sshd(
+    tmp_dir: pathlib.Path, *, max_sessions: int = 10, extra_config: str = ""
+) -> SSHDServer:
+    """Generate keys and config under ``tmp_dir`` and start sshd on 127.0.0.1.
+
+    A keyword given in ``extra_config`` (outside ``Match`` blocks) replaces the
+    helper's default line for that keyword (sshd uses the first value it
+    reads); ``SetEnv`` entries are merged and ``Subsystem`` lines replace only
+    the subsystem of the same name.
+    """
+    sshd = find_sshd()
+    if sshd is None:
+        raise SSHDStartError("sshd not found (install openssh-server)")
+    tmp_dir = pathlib.Path(tmp_dir).resolve()
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_privsep_dir()
+
+    username = pwd.getpwuid(os.getuid()).pw_name
+
+    host_key_file = tmp_dir / "ssh_host_ed25519_key"
+    host_key_public = _generate_host_key(host_key_file)
+
+    authorized_keys = tmp_dir / "authorized_keys"
+    authorized_keys.touch(mode=0o600, exist_ok=True)
+    os.chmod(authorized_keys, 0o600)
+
+    home = tmp_dir / "home"
+    home.mkdir(mode=0o755, exist_ok=True)
+    for name in (".bashrc", ".profile", ".bash_profile", ".bash_login", ".bash_logout"):
+        (home / name).write_text("")
+    (home / ".hushlogin").write_text("")
+
+    config_file = tmp_dir / "sshd_config"
+    log_file = tmp_dir / "sshd.log"
+    stderr_file = tmp_dir / "sshd.stderr"
+    pid_file = tmp_dir / "sshd.pid"
+
+    last_error = ""
+    for _attempt in range(_BIND_RETRIES):
+        port = _free_port()
+        config_file.write_text(
+            _render_config(
+                port=port,
+                host_key=host_key_file,
+                pid_file=pid_file,
+                authorized_keys=authorized_keys,
+                home=home,
+                max_sessions=max_sessions,
+                extra_config=extra_config,
+            )
+        )
+        os.chmod(config_file, 0o600)
+
+        check = subprocess.run(
+            [sshd, "-t", "-f", str(config_file)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if check.returncode != 0:
+            raise SSHDStartError(
+                f"sshd -t rejected {config_file} (exit {check.returncode}):\n"
+                f"{check.stderr.strip() or check.stdout.strip()}\n--- config ---\n"
+                f"{config_file.read_text()}"
+            )
+
+        with log_file.open("a") as lf:
+            lf.write(f"=== starting sshd on 127.0.0.1:{port} ===\n")
+        with stderr_file.open("ab") as err:
+            proc = subprocess.Popen(
+                [sshd, "-D", "-e", "-f", str(config_file), "-E", str(log_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                close_fds=True,
+            )
+        server = SSHDServer(
+            host="127.0.0.1",
+            port=port,
+            username=username,
+            authorized_keys_file=authorized_keys,
+            host_key_public=host_key_public,
+            home=home,
+            config_file=config_file,
+            log_file=log_file,
+            host_key_file=host_key_file,
+            process=proc,
+        )
+        if _wait_listening(proc, port, _START_TIMEOUT):
+            return server
+        server.stop()
+        last_error = _tail(log_file, 40) + _tail(stderr_file, 20)
+        if any(marker in last_error for marker in _BIND_ERRORS):
+            continue  # lost a race for the port: try another one
+        break
+    raise SSHDStartError(
+        f"sshd did not start listening on 127.0.0.1 within {_START_TIMEOUT:.0f}s;"
+        f" log tail:\n{last_error}"
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _quote(value: str) -> str:
+    if any(c.isspace() for c in value) or '"' in value or "#" in value:
+        if '"' in value:
+            raise SSHDStartError(f"cannot quote {value!r} for sshd_config")
+        return f'"{value}"'
+    return value
+
+
+def _render_config(
+    *,
+    port: int,
+    host_key: pathlib.Path,
+    pid_file: pathlib.Path,
+    authorized_keys: pathlib.Path,
+    home: pathlib.Path,
+    max_sessions: int,
+    extra_config: str,
+) -> str:
+    setenv = {"HOME": str(home)}
+    defaults: list[tuple[str, str]] = [
+        ("ListenAddress", "127.0.0.1"),
+        ("Port", str(port)),
+        ("AddressFamily", "inet"),
+        ("HostKey", _quote(str(host_key))),
+        ("PidFile", _quote(str(pid_file))),
+        # Tokens in AuthorizedKeysFile are %-expanded: escape a literal '%'.
+        ("AuthorizedKeysFile", _quote(str(authorized_keys).replace("%", "%%"))),
+        ("StrictModes", "no"),
+        ("PubkeyAuthentication", "yes"),
+        ("PasswordAuthentication", "no"),
+        ("KbdInteractiveAuthentication", "no"),
+        ("HostbasedAuthentication", "no"),
+        ("PermitEmptyPasswords", "no"),
+        ("PermitRootLogin", "prohibit-password"),
+        ("UsePAM", "no"),
+        ("UseDNS", "no"),
+        ("PermitUserRC", "no"),
+        ("PermitUserEnvironment", "no"),
+        ("PrintMotd", "no"),
+        ("PrintLastLog", "no"),
+        ("X11Forwarding", "no"),
+        ("AllowTcpForwarding", "yes"),
+        ("AllowStreamLocalForwarding", "yes"),
+        ("MaxSessions", str(max_sessions)),
+        ("MaxStartups", "100:30:200"),
+        ("MaxAuthTries", "10"),
+        ("LoginGraceTime", "30"),
+        ("Subsystem", "sftp internal-sftp"),
+        ("LogLevel", "VERBOSE"),
+    ]
+
+    # Split extra_config into top-level lines and the Match section (which
+    # must come last in the file).
+    top: list[str] = []
+    match_section: list[str] = []
+    for raw in extra_config.splitlines():
+        line = raw.strip()
+        if match_section or line.lower().startswith("match ") or line.lower() == "match":
+            match_section.append(raw)
+        else:
+            top.append(raw)
+
+    override: set[str] = set()
+    override_subsystems: set[str] = set()
+    kept_top: list[str] = []
+    for raw in top:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            kept_top.append(raw)
+            continue
+        words = shlex.split(line.replace("=", " ", 1) if "=" in line.split()[0] else line)
+        key = words[0].lower()
+        if key == "setenv":
+            for item in words[1:]:
+                name, _, value = item.partition("=")
+                setenv[name] = value
+            continue
+        if key == "subsystem" and len(words) > 1:
+            override_subsystems.add(words[1])
+        else:
+            override.add(key)
+        kept_top.append(raw)
+
+    out = ["# Generated by tests/sshd_server.py for a throwaway test sshd."]
+    for key, value in defaults:
+        if key.lower() in override:
+            continue
+        if key == "Subsystem" and value.split()[0] in override_subsystems:
+            continue
+        out.append(f"{key} {value}")
+    out.append("SetEnv " + " ".join(_quote(f"{k}={v}") for k, v in setenv.items()))
+    out.extend(kept_top)
+    out.extend(match_section)
+    return "\n".join(out) + "\n"
+
+
+def _generate_host_key(path: pathlib.Path) -> str:
+    """Write an OpenSSH ed25519 private key (0600) and .pub; return the public line."""
+    pub_path = path.with_name(path.name + ".pub")
+    for p in (path, pub_path):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    except ImportError:
+        keygen = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
+        subprocess.run(
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)],
+            stdin=subprocess.DEVNULL,
+            check=True,
+            capture_output=True,
+        )
+        os.chmod(path, 0o600)
+        public = pub_path.read_text().strip()
+    else:
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(private)
+        os.chmod(path, 0o600)
+        public = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
+        pub_path.write_text(public + "\n")
+    # Keep only "type base64" (drop any comment).
+    return " ".join(public.split()[:2])
+
+
+def _ensure_privsep_dir() -> None:
+    # sshd running as root refuses to start without its privilege separation
+    # directory; Debian creates /run/sshd from the systemd unit, which does
+    # not run in containers.
+    if os.geteuid() != 0:
+        return
+    run_sshd = pathlib.Path("/run/sshd")
+    if not run_sshd.is_dir():
+        run_sshd.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(run_sshd, 0o755)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+        except OSError:
+            time.sleep(0.01)
+            continue
+        # Make sure it is our sshd that answered, not a port thief.
+        return proc.poll() is None
+    return False
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout=_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=_STOP_TIMEOUT)
+    else:
+        proc.wait()
+
+
+def _descendants(root_pid: int) -> list[int]:
+    """PIDs descending from root_pid (Linux /proc; empty list elsewhere)."""
+    parents: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        # Fields after the ")" that closes the command name: state ppid ...
+        rest = stat.rsplit(")", 1)[-1].split()
+        if len(rest) >= 2:
+            parents[int(entry)] = int(rest[1])
+    found: list[int] = []
+    frontier = [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [pid for pid, ppid in parents.items() if ppid == parent]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().decode(errors="replace").rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _tail(path: pathlib.Path | None, lines: int) -> str:
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) + "\n"
