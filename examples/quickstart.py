@@ -43,13 +43,15 @@ def main(argv: list[str]) -> int:
                 f"expires {session.expires_at:%H:%M:%S %Z}"
             )
 
-            result = shell.run("uname -s; echo \"hello from $(pwd)\"", check=True)
+            result = shell.run('uname -s; echo "hello from $(pwd)"', check=True)
             print(f"$ uname -s; echo hello  -> exit {result.exit_code}")
             print("  " + result.stdout.strip().replace("\n", "\n  "))
 
             listed = shell.run(["ls", "-la", "my dir"], cwd=".")
-            print(f"$ ls -la 'my dir'      -> exit {listed.exit_code} (a missing dir is not an error "
-                  "unless check=True)")
+            print(
+                f"$ ls -la 'my dir'      -> exit {listed.exit_code} (a missing dir is not an error "
+                "unless check=True)"
+            )
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             data = os.urandom(3 * 1024 * 1024 + 7)

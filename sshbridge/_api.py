@@ -12,7 +12,6 @@ Retries follow HTTP semantics (tenacity drives them, one rate-budget slot per at
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -22,10 +21,15 @@ from urllib.parse import quote
 
 import requests
 from pydantic import ValidationError
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 from tenacity.stop import stop_base
 
-from ._version import __version__
 from ._config import Config, load_config
 from ._exceptions import (
     APIConnectionError,
@@ -50,6 +54,7 @@ from ._models import (
     SSHSession,
 )
 from ._ratelimit import SlidingWindowBudget, budget_for
+from ._version import __version__
 
 log = logging.getLogger("sshbridge.api")
 
@@ -81,9 +86,7 @@ def validate_ttl(ttl_seconds: object) -> int:
             f"ttl_seconds must be an int number of seconds, got {type(ttl_seconds).__name__}"
         )
     if not 1 <= ttl_seconds <= MAX_TTL:
-        raise InvalidArgument(
-            f"ttl_seconds must be between 1 and {MAX_TTL}, got {ttl_seconds}"
-        )
+        raise InvalidArgument(f"ttl_seconds must be between 1 and {MAX_TTL}, got {ttl_seconds}")
     return ttl_seconds
 
 
@@ -334,13 +337,15 @@ class APIClient:
                 budget.acquire(self.rate_limit_wait, what=label)
             return self._once(method, url, json, bearer, idempotent, red, label, budget)
 
+        backoff = wait_random_exponential(multiplier=0.25, max=5.0)
+
         def wait(state: RetryCallState) -> float:
+            # The server's Retry-After wins over our own backoff.
             exc = state.outcome.exception() if state.outcome else None
             hinted = exc.attempt.retry_after if isinstance(exc, _RetryableFailure) else None
             if hinted is not None:
                 return min(hinted, MAX_RETRY_AFTER)
-            backoff = min(5.0, 0.25 * (2 ** (state.attempt_number - 1)))
-            return backoff * (0.5 + random.random() / 2)
+            return float(backoff(state))
 
         retrying = Retrying(
             stop=stop_after_attempt(self.max_retries + 1) | _StopAfterDeadline(deadline),
@@ -377,8 +382,10 @@ class APIClient:
                 method, url, json=json, headers=headers, timeout=self.timeout
             )
         except requests.exceptions.ConnectTimeout:
+            where = self.config.base_url if url.startswith(self.config.base_url) else "the gateway"
             err: APIError = APITimeout(
-                f"{label}: connecting to {self.config.base_url if url.startswith(self.config.base_url) else 'the gateway'} timed out; check the network or PRIME_API_BASE_URL"
+                f"{label}: connecting to {where} timed out; check the network or "
+                "PRIME_API_BASE_URL"
             )
             self.calls.append((time.monotonic(), method, path, None))
             raise _RetryableFailure(_Attempt(err, retryable=True, retry_after=None)) from None
@@ -411,8 +418,7 @@ class APIClient:
                 return response.json()
             except ValueError:
                 raise APIError(
-                    f"{label}: the API answered {response.status_code} with a body that is "
-                    "not JSON"
+                    f"{label}: the API answered {response.status_code} with a body that is not JSON"
                 ) from None
         error, retry_after = _status_error(response, method, path, label, redact)
         status = response.status_code
@@ -421,9 +427,7 @@ class APIClient:
         hinted_ok = retry_after is not None and retry_after <= MAX_RETRY_AFTER
         if status in (429, 503) and hinted_ok:
             raise _RetryableFailure(_Attempt(error, retryable=True, retry_after=retry_after))
-        if idempotent and (status == 429 or status >= 500) and (
-            retry_after is None or hinted_ok
-        ):
+        if idempotent and (status == 429 or status >= 500) and (retry_after is None or hinted_ok):
             raise _RetryableFailure(_Attempt(error, retryable=True, retry_after=retry_after))
         raise error
 
@@ -450,9 +454,12 @@ def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
 
 def _short_reason(exc: BaseException, redact: Callable[[str], str]) -> str:
     text = str(exc)
-    m = re.search(r"(Connection refused|Name or service not known|"
-                  r"Temporary failure in name resolution|Connection reset by peer|"
-                  r"Remote end closed connection without response|timed out)", text)
+    m = re.search(
+        r"(Connection refused|Name or service not known|"
+        r"Temporary failure in name resolution|Connection reset by peer|"
+        r"Remote end closed connection without response|timed out)",
+        text,
+    )
     return redact(m.group(1) if m else text[:200])
 
 

@@ -97,13 +97,11 @@ def load_config(
 
     env = os.environ
     key = (
-        (api_key or "").strip()
-        or (env.get("PRIME_API_KEY") or "").strip()
-        or from_file("api_key")
+        (api_key or "").strip() or (env.get("PRIME_API_KEY") or "").strip() or from_file("api_key")
     )
     if not key:
         raise ConfigurationError(
-            "no API key: set the PRIME_API_KEY environment variable, add \"api_key\" to "
+            'no API key: set the PRIME_API_KEY environment variable, add "api_key" to '
             f"{path}, or pass api_key=..."
         )
     url = (
@@ -113,7 +111,7 @@ def load_config(
         or from_file("base_url")
         or DEFAULT_BASE_URL
     )
-    team = (team_id or "").strip() or (env.get("PRIME_TEAM_ID") or "").strip() or from_file(
-        "team_id"
+    team = (
+        (team_id or "").strip() or (env.get("PRIME_TEAM_ID") or "").strip() or from_file("team_id")
     )
     return Config(api_key=key, base_url=normalize_base_url(url), team_id=team or None)

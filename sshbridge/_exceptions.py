@@ -22,7 +22,7 @@ can catch at whatever level they care about::
     │   ├── SandboxNotRunning                  status is not RUNNING (.status)
     │   └── SandboxNotSupported                a VM sandbox: the SSH sidecar does not serve it
     ├── SSHError
-    │   ├── SSHConnectError                    the sidecar could not be reached/authenticated in time
+    │   ├── SSHConnectError                    the sidecar was not reachable/accepting in time
     │   ├── HostKeyMismatch                    the sidecar presented a different host key
     │   ├── ConnectionLost                     an established connection dropped
     │   │   └── SessionExpired                 ... because the session's life ended
@@ -236,9 +236,9 @@ class RemotePathError(SSHBridgeError, OSError):
     def __init__(self, message: str, *, path: str, errno: int | None = None) -> None:
         SSHBridgeError.__init__(self, message)
         self.path = path
-        self.errno = errno  # type: ignore[misc]
-        self.strerror = message  # type: ignore[misc]
-        self.filename = path  # type: ignore[misc]
+        self.errno = errno
+        self.strerror = message
+        self.filename = path
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "remote path error"

@@ -175,7 +175,9 @@ class Link:
             try:
                 for c in candidates:
                     try:
-                        chan = c.transport.open_session(timeout=max(1.0, deadline - time.monotonic()))
+                        chan = c.transport.open_session(
+                            timeout=max(1.0, deadline - time.monotonic())
+                        )
                     except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
                         if c.transport.is_active():
                             refused += 1
@@ -240,14 +242,14 @@ class Link:
                 chan.close()
                 raise self.lost_error(f"while starting SFTP ({exc})") from None
             conn = next((c for c in self._conns if c.transport is chan.get_transport()), None)
-            pair = (conn or _Conn(chan.get_transport()), client)  # type: ignore[arg-type]
+            pair = (conn or _Conn(chan.get_transport()), client)
         ok = False
         try:
             yield pair[1]
             ok = True
         finally:
-            chan = pair[1].get_channel()
-            reusable = ok and chan is not None and not chan.closed and not self._closed
+            used = pair[1].get_channel()
+            reusable = ok and used is not None and not used.closed and not self._closed
             if reusable:
                 with self._lock:
                     self._sftp_idle.append(pair)

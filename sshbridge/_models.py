@@ -12,8 +12,8 @@ __all__ = [
     "CreateSSHSessionRequest",
     "ErrorDetail",
     "ErrorResponse",
-    "Sandbox",
     "SSHSession",
+    "Sandbox",
 ]
 
 

@@ -8,6 +8,7 @@ reading stdout to the end, or waiting for the exit status, before draining stder
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import re
 import secrets
@@ -118,9 +119,9 @@ def send_eof(chan: paramiko.Channel) -> None:
     with chan.lock:
         if chan.closed or chan.eof_sent or transport is None:
             return
-        m = chan._send_eof()
+        m = chan._send_eof()  # type: ignore[attr-defined]
         if m is not None:
-            transport._send_user_message(m)
+            transport._send_user_message(m)  # type: ignore[attr-defined]
 
 
 def send_signal(chan: paramiko.Channel, name: str) -> None:
@@ -135,7 +136,7 @@ def send_signal(chan: paramiko.Channel, name: str) -> None:
         m.add_string("signal")
         m.add_boolean(False)
         m.add_string(name)
-        transport._send_user_message(m)
+        transport._send_user_message(m)  # type: ignore[attr-defined]
 
 
 class _Stream:
@@ -179,7 +180,7 @@ def _feed_input(chan: paramiko.Channel, data: bytes) -> None:
         while view:
             if chan.closed:
                 return
-            sent = chan.send(view[:_READ])
+            sent = chan.send(view[:_READ])  # type: ignore[arg-type]  # accepts any buffer
             if sent <= 0:
                 return
             view = view[sent:]
@@ -268,9 +269,9 @@ def execute(
             # paramiko clears the pipe itself when its buffers are read empty.
             sel.select(wait)
             transport = chan.get_transport()
-            if transport is None or not transport.is_active():
-                if not (chan.recv_ready() or chan.recv_stderr_ready()):
-                    break
+            dead = transport is None or not transport.is_active()
+            if dead and not (chan.recv_ready() or chan.recv_stderr_ready()):
+                break
         if not timed_out:
             while not chan.status_event.is_set():
                 wait = 1.0 if deadline is None else deadline - time.monotonic()
@@ -309,10 +310,8 @@ def execute(
     except BaseException:
         if not finished and not chan.closed:
             # Interrupted (Ctrl-C, callback error, lost link): don't leave it running.
-            try:
+            with contextlib.suppress(BaseException):  # cleanup must not mask the cause
                 _stop_remote(source, chan, marker)
-            except BaseException:  # noqa: BLE001 - cleanup must not mask the cause
-                pass
         raise
     finally:
         if sel is not None:
@@ -331,13 +330,11 @@ def execute(
 
 def _stop_remote(source: ChannelSource, chan: paramiko.Channel, marker: str) -> None:
     """Stop a command for real: a signal request, then a kill by marker, then close."""
-    try:
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
         send_signal(chan, "TERM")
-    except (OSError, EOFError, paramiko.SSHException):
-        pass
     try:
         killer = source.open_channel()
-    except Exception:  # noqa: BLE001 - the link may be gone; closing is all that is left
+    except Exception:
         log.debug("could not open a channel to stop a command", exc_info=True)
         chan.close()
         return

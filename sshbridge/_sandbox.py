@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -11,7 +12,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import paramiko
 import requests
@@ -21,10 +22,7 @@ from ._api import DEFAULT_TTL, APIClient, validate_sandbox_id, validate_ttl
 from ._broker import SessionBroker
 from ._config import Config
 from ._exceptions import (
-    ConnectionLost,
     InvalidArgument,
-    SessionExpired,
-    SSHBridgeError,
     SSHConnectError,
 )
 from ._hostkeys import HostKeyPolicy, KnownHostsFile, PinFirstHostKey
@@ -41,10 +39,8 @@ _live: weakref.WeakSet[SandboxSSH] = weakref.WeakSet()
 def _close_at_exit() -> None:
     # Objects never closed still must not leak sessions.
     for shell in list(_live):
-        try:
+        with contextlib.suppress(Exception):
             shell.close()
-        except Exception:  # noqa: BLE001 - interpreter is exiting
-            pass
 
 
 def _positive(name: str, value: object, allow_zero: bool = False) -> float:

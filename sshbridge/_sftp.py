@@ -322,9 +322,10 @@ def remove(source: SFTPSource, path: str) -> None:
 class RemoteFile:
     """A remote file opened over SFTP; a context manager that returns its client on close."""
 
-    def __init__(self, cm: contextlib.AbstractContextManager[Any], fh: paramiko.SFTPFile,
-                 path: str) -> None:
-        self._cm = cm
+    def __init__(
+        self, cm: contextlib.AbstractContextManager[Any], fh: paramiko.SFTPFile, path: str
+    ) -> None:
+        self._cm: contextlib.AbstractContextManager[Any] | None = cm
         self._fh = fh
         self.path = path
 

@@ -98,7 +98,8 @@ def _open_once(
         try:
             transport.start_client(timeout=timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise _Retry(f"SSH handshake with {host}:{port} failed: {exc or type(exc).__name__}")
+            why = str(exc) or type(exc).__name__
+            raise _Retry(f"SSH handshake with {host}:{port} failed: {why}") from None
         server_key = transport.get_remote_server_key()
         policy.verify(sandbox_id, host, port, server_key)
         try:

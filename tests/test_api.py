@@ -152,9 +152,7 @@ def test_status_maps_to_error_class(
 
 
 def test_422_carries_errors_list(stub: StubServer) -> None:
-    stub.queue(
-        Answer(422, {"errors": [{"param": "ttl_seconds", "details": "must be <= 3600"}]})
-    )
+    stub.queue(Answer(422, {"errors": [{"param": "ttl_seconds", "details": "must be <= 3600"}]}))
     with pytest.raises(RequestValidationError) as info:
         client(stub).create_ssh_session("sbx_1", 60)
     assert info.value.errors[0].param == "ttl_seconds"
@@ -176,8 +174,11 @@ def test_post_not_retried_on_500_but_get_is(stub: StubServer) -> None:
     with pytest.raises(ServerError):
         client(stub).create_ssh_session("sbx_1")
     assert len(stub.seen) == 1
-    stub.queue(Answer(500, {"detail": "x"}), Answer(502, "bad gateway"),
-               Answer(200, {"id": "sbx_1", "status": "RUNNING"}))
+    stub.queue(
+        Answer(500, {"detail": "x"}),
+        Answer(502, "bad gateway"),
+        Answer(200, {"id": "sbx_1", "status": "RUNNING"}),
+    )
     sandbox = client(stub).get_sandbox("sbx_1")
     assert sandbox.status == "RUNNING"
     assert len(stub.seen) == 4
@@ -244,7 +245,9 @@ def test_delete_404_means_already_closed(stub: StubServer) -> None:
     assert stub.seen[1].path == "/api/v1/sandbox/sbx_1/ssh-session/sess%2F..%2Fx"
 
 
-def test_secrets_never_in_errors_or_logs(stub: StubServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_secrets_never_in_errors_or_logs(
+    stub: StubServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     # A server that echoes the credentials back must not get them into our messages.
     stub.queue(
@@ -265,10 +268,21 @@ def test_secrets_never_in_errors_or_logs(stub: StubServer, caplog: pytest.LogCap
 
 
 def test_sandbox_model_reads_camel_case_and_unknown_fields(stub: StubServer) -> None:
-    stub.queue(Answer(200, {
-        "id": "sbx_1", "name": "n", "dockerImage": "python:3.11", "status": "running",
-        "vm": None, "createdAt": "2026-01-01T00:00:00Z", "timeoutMinutes": 60, "newField": 1,
-    }))
+    stub.queue(
+        Answer(
+            200,
+            {
+                "id": "sbx_1",
+                "name": "n",
+                "dockerImage": "python:3.11",
+                "status": "running",
+                "vm": None,
+                "createdAt": "2026-01-01T00:00:00Z",
+                "timeoutMinutes": 60,
+                "newField": 1,
+            },
+        )
+    )
     sandbox = client(stub).get_sandbox("sbx_1")
     assert sandbox.status == "RUNNING" and sandbox.vm is False
     assert sandbox.docker_image == "python:3.11" and sandbox.timeout_minutes == 60

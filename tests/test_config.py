@@ -40,7 +40,11 @@ def test_env_wins_over_file_and_args_win_over_env(
     monkeypatch.setenv("PRIME_BASE_URL", "https://env2.example")
     monkeypatch.setenv("PRIME_TEAM_ID", "team-env")
     cfg = load_config()
-    assert (cfg.api_key, cfg.base_url, cfg.team_id) == ("env-key", "https://env2.example", "team-env")
+    assert (cfg.api_key, cfg.base_url, cfg.team_id) == (
+        "env-key",
+        "https://env2.example",
+        "team-env",
+    )
     # PRIME_API_BASE_URL is preferred to PRIME_BASE_URL.
     monkeypatch.setenv("PRIME_API_BASE_URL", "https://env1.example")
     assert load_config().base_url == "https://env1.example"

@@ -22,8 +22,9 @@ from sshbridge.emulator import Emulator, OpenSSHTarget
 if find_sshd() is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI must run the OpenSSH interop tests, but sshd is not installed")
-    pytest.skip("OpenSSH sshd is not installed (apt-get install openssh-server)",
-                allow_module_level=True)
+    pytest.skip(
+        "OpenSSH sshd is not installed (apt-get install openssh-server)", allow_module_level=True
+    )
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,8 +149,9 @@ def test_host_key_pinned_against_a_different_server(
     other = start_sshd(tmp_path / "other")
     try:
         sandbox = emu.create_sandbox()
-        with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url,
-                        ttl_seconds=1) as shell:
+        with SandboxSSH(
+            sandbox, api_key=emu.api_key, base_url=emu.base_url, ttl_seconds=1
+        ) as shell:
             shell.run("true")
             # The sandbox's next session is served by a server with another host key.
             emu.openssh = OpenSSHTarget(

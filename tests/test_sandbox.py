@@ -115,12 +115,16 @@ def test_streaming_callbacks(shell: SandboxSSH) -> None:
     chunks: list[str] = []
     lines: list[str] = []
     errs: list[str] = []
-    shell.run("printf 'a\\nb'; sleep 0.2; printf 'c\\nd\\n'; echo e >&2",
-              on_stdout=chunks.append, on_stderr=errs.append)
+    shell.run(
+        "printf 'a\\nb'; sleep 0.2; printf 'c\\nd\\n'; echo e >&2",
+        on_stdout=chunks.append,
+        on_stderr=errs.append,
+    )
     assert "".join(chunks) == "a\nbc\nd\n" and len(chunks) >= 2
     assert errs == ["e\n"]
-    shell.run("printf 'a\\nb'; sleep 0.2; printf 'c\\nd'", on_stdout=lines.append,
-              line_buffered=True)
+    shell.run(
+        "printf 'a\\nb'; sleep 0.2; printf 'c\\nd'", on_stdout=lines.append, line_buffered=True
+    )
     assert lines == ["a\n", "bc\n", "d"]
 
 
@@ -132,8 +136,9 @@ def test_pty(shell: SandboxSSH) -> None:
 
 def test_fifty_mib_on_each_stream_does_not_deadlock(shell: SandboxSSH) -> None:
     n = 50 * 1024 * 1024
-    r = shell.run(f"head -c {n} /dev/zero; head -c {n} /dev/zero >&2; "
-                  f"head -c {n} /dev/zero; echo done >&2")
+    r = shell.run(
+        f"head -c {n} /dev/zero; head -c {n} /dev/zero >&2; head -c {n} /dev/zero; echo done >&2"
+    )
     assert len(r.stdout_bytes) == 2 * n
     assert len(r.stderr_bytes) == n + 5 and r.stderr_bytes.endswith(b"done\n")
     assert r.exit_code == 0
@@ -141,8 +146,9 @@ def test_fifty_mib_on_each_stream_does_not_deadlock(shell: SandboxSSH) -> None:
 
 def test_interleaved_streams_large(shell: SandboxSSH) -> None:
     # Writes alternate between the streams in blocks larger than a window.
-    r = shell.run("for i in 1 2 3 4 5 6; do head -c 3000000 /dev/zero; "
-                  "head -c 3000000 /dev/zero >&2; done")
+    r = shell.run(
+        "for i in 1 2 3 4 5 6; do head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2; done"
+    )
     assert len(r.stdout_bytes) == len(r.stderr_bytes) == 18_000_000
 
 
@@ -232,7 +238,9 @@ def test_run_rejects_bad_input(shell: SandboxSSH, kwargs: dict[str, object]) -> 
         {"keepalive": -1},
     ],
 )
-def test_constructor_rejects_bad_input(emu: Emulator, sandbox: str, kwargs: dict[str, object]) -> None:
+def test_constructor_rejects_bad_input(
+    emu: Emulator, sandbox: str, kwargs: dict[str, object]
+) -> None:
     with pytest.raises(InvalidArgument):
         connect(emu, sandbox, **kwargs)
     assert emu.api_calls == []
@@ -247,8 +255,9 @@ def test_bad_sandbox_id_makes_no_request(emu: Emulator) -> None:
 # -- sandbox states and API errors ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", ["PENDING", "PROVISIONING", "PAUSED", "ERROR", "TERMINATED",
-                                    "TIMEOUT"])
+@pytest.mark.parametrize(
+    "status", ["PENDING", "PROVISIONING", "PAUSED", "ERROR", "TERMINATED", "TIMEOUT"]
+)
 def test_not_running_sandbox(emu: Emulator, status: str) -> None:
     sid = emu.create_sandbox(status=status)
     with pytest.raises(SandboxNotRunning) as info:
@@ -270,7 +279,9 @@ def test_unknown_sandbox_and_bad_key(emu: Emulator, sandbox: str) -> None:
     assert "PRIME_API_KEY" in str(info.value)
 
 
-def test_config_from_environment(emu: Emulator, sandbox: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_from_environment(
+    emu: Emulator, sandbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k, v in emu.env().items():
         monkeypatch.setenv(k, v)
     with SandboxSSH(sandbox) as shell:
@@ -382,7 +393,7 @@ def test_known_hosts_file(emu: Emulator, sandbox: str, tmp_path: Path) -> None:
 
 def test_put_get_round_trip_odd_names(shell: SandboxSSH, tmp_path: Path) -> None:
     shell.makedirs("dir one")
-    for name, size in [("empty", 0), ("one", 1), ("it's a \"file\" ü.bin", 1_000_003)]:
+    for name, size in [("empty", 0), ("one", 1), ('it\'s a "file" ü.bin', 1_000_003)]:
         local = tmp_path / "src.bin"
         data = os.urandom(size)
         local.write_bytes(data)
@@ -391,9 +402,7 @@ def test_put_get_round_trip_odd_names(shell: SandboxSSH, tmp_path: Path) -> None
         assert shell.stat(remote).st_size == size
         back = shell.get(remote, tmp_path / "back.bin")
         assert back.read_bytes() == data
-    assert sorted(shell.listdir("dir one")) == sorted(
-        ["empty", "one", "it's a \"file\" ü.bin"]
-    )
+    assert sorted(shell.listdir("dir one")) == sorted(["empty", "one", 'it\'s a "file" ü.bin'])
 
 
 def test_put_into_directory_and_modes(shell: SandboxSSH, tmp_path: Path) -> None:
@@ -460,7 +469,9 @@ def test_upload_is_atomic_under_failure(shell: SandboxSSH, tmp_path: Path) -> No
 # -- secrets ---------------------------------------------------------------------------------
 
 
-def test_no_secret_in_logs_or_reprs(emu: Emulator, sandbox: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_secret_in_logs_or_reprs(
+    emu: Emulator, sandbox: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     with connect(emu, sandbox) as shell:
         shell.run("echo hi")
