@@ -116,6 +116,11 @@ class _Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = [s for s in secrets if s and len(s) >= 4]
 
+    def add(self, secret: str) -> None:
+        if secret and len(secret) >= 4 and secret not in self._secrets:
+            # Keep the key plus the most recent tokens; old ones stop mattering.
+            self._secrets = self._secrets[:1] + self._secrets[1:][-31:] + [secret]
+
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -242,7 +247,15 @@ class APIClient:
         body = self._call("GET", f"/api/v1/sandbox/{_seg(sid)}", idempotent=True)
         return self._parse(Sandbox, body, "sandbox")
 
-    def create_ssh_session(self, sandbox_id: str, ttl_seconds: int = DEFAULT_TTL) -> SSHSession:
+    def create_ssh_session(
+        self,
+        sandbox_id: str,
+        ttl_seconds: int = DEFAULT_TTL,
+        *,
+        budget_wait: float | None = None,
+    ) -> SSHSession:
+        """Create a session; waits for the shared rate budget at most ``budget_wait``
+        seconds (default: the client's ``rate_limit_wait``)."""
         sid = validate_sandbox_id(sandbox_id)
         ttl = validate_ttl(ttl_seconds)
         payload = CreateSSHSessionRequest(ttl_seconds=ttl).model_dump()
@@ -252,10 +265,11 @@ class APIClient:
             json=payload,
             idempotent=False,
             budget=budget_for(self.config.base_url, self.config.api_key, sid),
+            budget_wait=budget_wait,
         )
         session = self._parse(SSHSession, body, "SSH session")
         # The token is a secret from now on: keep it out of every message.
-        self._redact = _Redactor([self.config.api_key, session.token.get_secret_value()])
+        self._redact.add(session.token.get_secret_value())
         log.debug("created SSH session %s for sandbox %s", session.session_id, sid)
         return session
 
@@ -326,6 +340,7 @@ class APIClient:
         budget: SlidingWindowBudget | None = None,
         redact: Callable[[str], str] | None = None,
         what: str | None = None,
+        budget_wait: float | None = None,
     ) -> Any:
         url = path_or_url if "://" in path_or_url else self.config.base_url + path_or_url
         red = redact or self._redact
@@ -334,7 +349,9 @@ class APIClient:
 
         def attempt() -> Any:
             if budget is not None:
-                budget.acquire(self.rate_limit_wait, what=label)
+                budget.acquire(
+                    self.rate_limit_wait if budget_wait is None else budget_wait, what=label
+                )
             return self._once(method, url, json, bearer, idempotent, red, label, budget)
 
         backoff = wait_random_exponential(multiplier=0.25, max=5.0)

@@ -38,7 +38,9 @@ class SessionBroker:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.max_connections = max_connections
-        self._open: dict[str, Link] = {}
+        # Keyed by the link itself: a server may reuse one session_id (e.g. a login name)
+        # for several sessions, and each one must still be closed.
+        self._open: dict[int, Link] = {}
         self._lock = threading.Lock()
         self.sessions_created = 0
 
@@ -60,12 +62,14 @@ class SessionBroker:
             )
         return sandbox
 
-    def open_link(self, *, check: bool = True) -> Link:
+    def open_link(self, *, check: bool = True, budget_wait: float | None = None) -> Link:
         """Create a session, authorize a fresh key and connect. Nothing leaks on failure."""
         if check:
             self.check_sandbox()
         wall, mono = time.time(), time.monotonic()
-        session = self.api.create_ssh_session(self.sandbox_id, self.ttl_seconds)
+        session = self.api.create_ssh_session(
+            self.sandbox_id, self.ttl_seconds, budget_wait=budget_wait
+        )
         self.sessions_created += 1
         link = Link(
             session,
@@ -78,7 +82,7 @@ class SessionBroker:
             max_connections=self.max_connections,
         )
         with self._lock:
-            self._open[session.session_id] = link
+            self._open[id(link)] = link
         try:
             self.api.authorize_key(session, link.key.public_line)
             link.connect()
@@ -97,7 +101,7 @@ class SessionBroker:
         """Close the link's transports and DELETE its session (best effort, never raises)."""
         link.close()
         with self._lock:
-            known = self._open.pop(link.session.session_id, None)
+            known = self._open.pop(id(link), None)
         if known is None:
             return
         try:
@@ -120,4 +124,4 @@ class SessionBroker:
     @property
     def open_sessions(self) -> list[str]:
         with self._lock:
-            return list(self._open)
+            return [link.session.session_id for link in self._open.values()]

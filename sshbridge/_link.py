@@ -63,6 +63,7 @@ class Link:
         self._sftp_idle: list[tuple[_Conn, paramiko.SFTPClient]] = []
         self._closed = False
         self._generation = 0
+        self._retiring = False
         self.active_channels = 0
         self._idle = threading.Condition(self._lock)
 
@@ -249,7 +250,10 @@ class Link:
             ok = True
         finally:
             used = pair[1].get_channel()
-            reusable = ok and used is not None and not used.closed and not self._closed
+            reusable = (
+                ok and used is not None and not used.closed and not self._closed
+                and not self._retiring
+            )
             if reusable:
                 with self._lock:
                     self._sftp_idle.append(pair)
@@ -257,6 +261,21 @@ class Link:
                 pair[1].close()
 
     # -- teardown ------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """No new work comes here: pooled SFTP clients close so the link can drain."""
+        with self._lock:
+            self._retiring = True
+            idle, self._sftp_idle = self._sftp_idle, []
+        for _, client in idle:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    @property
+    def busy(self) -> int:
+        """Channels in use (pooled idle SFTP clients excluded)."""
+        with self._lock:
+            return self.active_channels - len(self._sftp_idle)
 
     def wait_idle(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -281,6 +300,10 @@ class Link:
         for c in conns:
             with contextlib.suppress(Exception):
                 c.transport.close()
+        for c in conns:
+            # paramiko's close() may return before its reader thread ends.
+            if c.transport is not threading.current_thread():
+                c.transport.join(2.0)
 
 
 def session_life(session: SSHSession, requested_at_wall: float, requested_at_mono: float) -> float:

@@ -6,13 +6,11 @@ import atexit
 import contextlib
 import logging
 import os
-import threading
-import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import paramiko
 import requests
@@ -22,10 +20,14 @@ from ._api import DEFAULT_TTL, APIClient, validate_sandbox_id, validate_ttl
 from ._broker import SessionBroker
 from ._config import Config
 from ._exceptions import (
+    ConnectionLost,
     InvalidArgument,
-    SSHConnectError,
+    SandboxError,
+    SessionExpired,
+    SSHBridgeError,
 )
 from ._hostkeys import HostKeyPolicy, KnownHostsFile, PinFirstHostKey
+from ._lifecycle import SessionManager
 from ._link import Link
 from ._models import Sandbox, SSHSession
 from ._result import CommandResult
@@ -81,6 +83,9 @@ class SandboxSSH:
         max_connections: int = 16,
         api_timeout: float | tuple[float, float] = (5.0, 30.0),
         rate_limit_wait: float = 120.0,
+        renew_before: float | None = None,
+        auto_renew: bool = True,
+        on_renew: Callable[[SSHSession, SSHSession], None] | None = None,
         http: requests.Session | None = None,
     ) -> None:
         self.sandbox_id = validate_sandbox_id(sandbox_id)
@@ -118,17 +123,20 @@ class SandboxSSH:
             keepalive=keepalive,
             max_connections=max_connections,
         )
-        self._link: Link | None = None
-        self._lock = threading.RLock()
-        self._closed = False
-        self.reconnects = 0
+        self._manager = SessionManager(
+            self._broker,
+            connect_timeout=self.connect_timeout,
+            renew_before=renew_before,
+            auto_renew=auto_renew,
+            on_renew=on_renew,
+        )
         _live.add(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        link = self._link
-        state = "closed" if self._closed else ("open" if link is not None else "idle")
+        link = self._manager.link
+        state = "closed" if self.closed else ("open" if link is not None else "idle")
         sid = link.session.session_id if link is not None else None
         return f"SandboxSSH({self.sandbox_id!r}, state={state}, session_id={sid!r})"
 
@@ -146,20 +154,15 @@ class SandboxSSH:
 
     def close(self) -> None:
         """Close every channel and transport and DELETE every session this object opened."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._link = None
         try:
-            self._broker.close_all()
+            self._manager.close()
         finally:
             self._api.close()
             _live.discard(self)
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._manager.closed
 
     @property
     def config(self) -> Config:
@@ -172,12 +175,12 @@ class SandboxSSH:
     @property
     def session(self) -> SSHSession | None:
         """The current session (``session_id``, ``host``, ``port``, ``expires_at``, ...)."""
-        link = self._link
+        link = self._manager.link
         return link.session if link is not None else None
 
     @property
     def expires_at(self) -> datetime | None:
-        link = self._link
+        link = self._manager.link
         return link.session.expires_at if link is not None else None
 
     def sandbox(self) -> Sandbox:
@@ -185,36 +188,21 @@ class SandboxSSH:
         return self._api.get_sandbox(self.sandbox_id)
 
     def _current_link(self) -> Link:
-        link = self._link
-        if link is not None and not link.closed and not link.expired and link.alive:
-            return link
-        with self._lock:
-            if self._closed:
-                raise InvalidArgument(
-                    f"SandboxSSH({self.sandbox_id!r}) is closed; create a new one"
-                )
-            link = self._link
-            if link is not None and not link.closed and not link.expired and link.alive:
-                return link
-            if link is not None and not link.closed and not link.expired:
-                # Dropped while idle: the session is still valid, so reconnect to it.
-                try:
-                    link.connect(time.monotonic() + min(self.connect_timeout, 10.0))
-                    self.reconnects += 1
-                    log.info("sandbox %s: reconnected to session %s", self.sandbox_id,
-                             link.session.session_id)
-                    return link
-                except SSHConnectError:
-                    log.info("sandbox %s: session %s unreachable; opening a new one",
-                             self.sandbox_id, link.session.session_id)
-            if link is not None:
-                self._broker.close_link(link)
-                self._link = None
-            new = self._broker.open_link()
-            if link is not None:
-                self.reconnects += 1
-            self._link = new
-            return new
+        return self._manager.current()
+
+    @property
+    def renewals(self) -> int:
+        """How many times the session was renewed in the background."""
+        return self._manager.renewals
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a dropped connection was re-established."""
+        return self._manager.reconnects
+
+    def renew(self) -> SSHSession:
+        """Renew the session now (blocking); new work moves to the new session."""
+        return self._manager.renew_now()
 
     # -- commands --------------------------------------------------------------------------
 
@@ -245,20 +233,40 @@ class SandboxSSH:
         """
         # Validate before touching the network: bad input costs no session.
         _runner.build_command(command, cwd=cwd, env=env)
-        link = self._current_link()
+        try:
+            return self._execute(
+                command,
+                cwd=cwd,
+                env=env,
+                input=input,
+                timeout=timeout,
+                check=check,
+                pty=pty,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                line_buffered=line_buffered,
+                encoding=encoding,
+            )
+        except ConnectionLost as lost:
+            if isinstance(lost, SessionExpired):
+                raise
+            self._raise_if_stopped(lost)
+            raise
+
+    def _raise_if_stopped(self, lost: ConnectionLost) -> None:
+        """A dropped connection may mean the sandbox stopped: say so if it did."""
+        try:
+            self._broker.check_sandbox()
+        except SandboxError as stopped:
+            raise stopped from lost
+        except SSHBridgeError:
+            return
+
+    def _execute(self, command: str | Sequence[str], **kw: Any) -> CommandResult:
         return _runner.execute(
-            link,
+            self._manager.source(),
             command,
-            cwd=cwd,
-            env=env,
-            input=input,
-            timeout=timeout,
-            check=check,
-            pty=pty,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-            line_buffered=line_buffered,
-            encoding=encoding,
+            **kw,
         )
 
     # -- files -----------------------------------------------------------------------------
@@ -277,7 +285,7 @@ class SandboxSSH:
         local name.
         """
         return _sftp.put(
-            self._current_link(), local, remote, preserve_mode=preserve_mode, callback=callback
+            self._manager.source(), local, remote, preserve_mode=preserve_mode, callback=callback
         )
 
     def get(
@@ -290,7 +298,7 @@ class SandboxSSH:
     ) -> Path:
         """Download a file; the local file appears whole or not at all."""
         return _sftp.get(
-            self._current_link(), remote, local, preserve_mode=preserve_mode, callback=callback
+            self._manager.source(), remote, local, preserve_mode=preserve_mode, callback=callback
         )
 
     def putfo(
@@ -302,7 +310,7 @@ class SandboxSSH:
         callback: Callable[[int, int], None] | None = None,
     ) -> str:
         """Upload from a binary file object, atomically."""
-        return _sftp.putfo(self._current_link(), fileobj, remote, mode=mode, callback=callback)
+        return _sftp.putfo(self._manager.source(), fileobj, remote, mode=mode, callback=callback)
 
     def getfo(
         self,
@@ -312,26 +320,26 @@ class SandboxSSH:
         callback: Callable[[int, int], None] | None = None,
     ) -> int:
         """Download into a binary file object; returns the byte count."""
-        return _sftp.getfo(self._current_link(), remote, fileobj, callback=callback)
+        return _sftp.getfo(self._manager.source(), remote, fileobj, callback=callback)
 
     def open(self, path: str, mode: str = "r", bufsize: int = -1) -> _sftp.RemoteFile:
         """Open a remote file over SFTP (a context manager, like ``open``)."""
-        return _sftp.open_remote(self._current_link(), path, mode, bufsize)
+        return _sftp.open_remote(self._manager.source(), path, mode, bufsize)
 
     def listdir(self, path: str = ".") -> list[str]:
-        return _sftp.listdir(self._current_link(), path)
+        return _sftp.listdir(self._manager.source(), path)
 
     def stat(self, path: str) -> paramiko.SFTPAttributes:
-        return _sftp.stat(self._current_link(), path)
+        return _sftp.stat(self._manager.source(), path)
 
     def exists(self, path: str) -> bool:
-        return _sftp.exists(self._current_link(), path)
+        return _sftp.exists(self._manager.source(), path)
 
     def makedirs(self, path: str, mode: int = 0o755, exist_ok: bool = True) -> None:
-        _sftp.makedirs(self._current_link(), path, mode=mode, exist_ok=exist_ok)
+        _sftp.makedirs(self._manager.source(), path, mode=mode, exist_ok=exist_ok)
 
     def remove(self, path: str) -> None:
-        _sftp.remove(self._current_link(), path)
+        _sftp.remove(self._manager.source(), path)
 
     def read_bytes(self, path: str) -> bytes:
         with self.open(path, "rb") as fh:
@@ -352,3 +360,102 @@ class SandboxSSH:
             raise InvalidArgument("text must be a str")
         return self.write_bytes(path, text.encode(encoding))
 
+
+    # -- port forwarding and interactive sessions (sshbridge._tunnels, _interactive) -------
+
+    def forward(
+        self,
+        remote_port: int,
+        local_port: int = 0,
+        remote_host: str = "127.0.0.1",
+        local_host: str = "127.0.0.1",
+        *,
+        max_connections: int = 64,
+    ) -> Any:
+        """Forward a local port to ``remote_host:remote_port`` as seen inside the sandbox.
+
+        ::
+
+            with shell.forward(8888) as port:     # local_port=0: a free port is chosen
+                requests.get(f"http://127.0.0.1:{port}/")
+
+        The listener binds loopback unless ``local_host`` says otherwise. Returns a
+        ``LocalForward`` (a context manager yielding the bound local port; also
+        ``start()``/``close()``). Each connection uses the session current when it is
+        accepted, so the forward survives a change of session.
+        """
+        from ._tunnels import LocalForward
+
+        return LocalForward(
+            self._current_link,
+            remote_port,
+            local_port,
+            remote_host,
+            local_host,
+            max_connections=max_connections,
+            sandbox_id=self.sandbox_id,
+        )
+
+    def forward_remote(
+        self,
+        remote_port: int,
+        local_port: int,
+        local_host: str = "127.0.0.1",
+        remote_host: str = "127.0.0.1",
+        *,
+        max_connections: int = 64,
+    ) -> Any:
+        """Listen on ``remote_host:remote_port`` inside the sandbox and carry each
+        connection to ``local_host:local_port`` here (``ssh -R``).
+
+        ::
+
+            with shell.forward_remote(0, 5432) as port:   # port: bound in the sandbox
+                shell.run(f"psql -h 127.0.0.1 -p {port} ...")
+
+        Returns a ``RemoteForward`` (a context manager yielding the port bound in the
+        sandbox). Raises ``PortForwardError`` (an :class:`SSHError`) when the server
+        refuses to listen. The listener ends with the SSH connection it was made on.
+        """
+        from ._tunnels import RemoteForward
+
+        return RemoteForward(
+            self._current_link,
+            remote_port,
+            local_port,
+            local_host,
+            remote_host,
+            max_connections=max_connections,
+            sandbox_id=self.sandbox_id,
+        )
+
+    def interactive(
+        self,
+        command: str | Sequence[str] | None = None,
+        *,
+        pty: bool | None = None,
+        term: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: int = 0,
+        stdout: int = 1,
+        stderr: int = 2,
+    ) -> int:
+        """Attach a remote shell (or ``command``) to this process's terminal; return its
+        exit status (-1 if it ended without one).
+
+        With a terminal on ``stdin`` a PTY is allocated (``pty=None``), the local terminal
+        goes raw (Ctrl-C reaches the remote side) and window changes follow; the terminal
+        is restored however the session ends.
+        """
+        from ._interactive import interactive
+
+        return interactive(
+            self._current_link,
+            command,
+            pty=pty,
+            term=term,
+            env=env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+        )

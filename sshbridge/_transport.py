@@ -116,7 +116,6 @@ def _open_once(
         raise
     if keepalive > 0:
         transport.set_keepalive(int(max(1, keepalive)))
-    sock.settimeout(None)
     return transport
 
 

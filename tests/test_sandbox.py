@@ -329,7 +329,7 @@ def test_unreachable_exposure_times_out_and_closes_session(emu: Emulator, sandbo
 
 def test_reconnects_with_a_new_session_after_expiry(emu: Emulator, sandbox: str) -> None:
     emu.cut_at_expiry = True
-    with connect(emu, sandbox, ttl_seconds=2) as shell:
+    with connect(emu, sandbox, ttl_seconds=2, auto_renew=False) as shell:
         first = shell.session
         assert shell.run("echo 1").stdout == "1\n"
         time.sleep(2.5)
