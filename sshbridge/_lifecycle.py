@@ -28,6 +28,7 @@ from ._exceptions import (
     InvalidArgument,
     NotFound,
     PaymentRequired,
+    RateBudgetExhausted,
     RateLimited,
     RequestValidationError,
     SandboxError,
@@ -152,9 +153,14 @@ class SessionManager:
 
     def _replace_locked(self, link: Link | None) -> Link:
         if link is not None and not link.closed and not link.expired:
-            # Dropped while idle and the session is still valid: reconnect to it.
+            # Dropped while idle and the session is still valid. A stopped sandbox also
+            # drops connections: ask first, so that case fails fast and clearly.
             try:
-                link.connect(time.monotonic() + min(self.connect_timeout, 10.0))
+                self.broker.check_sandbox()
+            except (APIConnectionError, ServerError, RateLimited):
+                pass  # the API is unwell; the SSH side may still be fine
+            try:
+                link.connect(time.monotonic() + min(self.connect_timeout, 5.0))
                 self.reconnects += 1
                 log.info(
                     "sandbox %s: reconnected to session %s",
@@ -224,6 +230,10 @@ class SessionManager:
                 except _FATAL as exc:
                     error = exc
                     break
+                except RateBudgetExhausted as exc:
+                    # Out of budget before expiry: report what made us spend it, if anything.
+                    error = error or exc
+                    break
                 except (APIError, SSHConnectError, ConnectionLost, OSError) as exc:
                     error = exc
                     if isinstance(exc, (RateLimited, ServerError)) and exc.retry_after:
@@ -231,13 +241,16 @@ class SessionManager:
                     else:
                         pause = delay
                         delay = min(delay * 2, 2.0)
+                    left = old.expires_monotonic - time.monotonic()
+                    if pause >= left:
+                        break  # no time for another try before expiry
                     log.info(
                         "sandbox %s: renewal attempt failed (%s); retrying in %.2f s",
                         self.broker.sandbox_id,
                         exc,
                         pause,
                     )
-                    if self._stop.wait(min(pause, max(0.0, remaining - 0.05))):
+                    if self._stop.wait(pause):
                         break
             if new is None and isinstance(error, (APIError, SSHConnectError)):
                 error = self._classify(error)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -58,7 +59,9 @@ class Link:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self._conns: list[_Conn] = []
-        self._lock = threading.Lock()
+        # Re-entrant: paramiko's Channel.__del__ calls close(), which re-enters here if
+        # the garbage collector runs while this thread holds the lock.
+        self._lock = threading.RLock()
         self._connecting = threading.Lock()
         self._sftp_idle: list[tuple[_Conn, paramiko.SFTPClient]] = []
         self._closed = False
@@ -212,11 +215,15 @@ class Link:
     def _track(self, conn: _Conn, chan: paramiko.Channel) -> None:
         with self._lock:
             conn.channels += 1
-        original_close = chan.close
+        # A weak reference: a closure holding the channel would make a reference cycle
+        # that only the cyclic garbage collector frees.
+        chan_ref = weakref.ref(chan)
         done = [False]
 
         def close() -> None:
-            original_close()
+            target = chan_ref()
+            if target is not None:
+                paramiko.Channel.close(target)
             with self._lock:
                 if not done[0]:
                     done[0] = True

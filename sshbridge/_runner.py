@@ -295,8 +295,7 @@ def execute(
                 timeout=float(timeout or 0),
             )
         status_known = chan.status_event.is_set() and chan.exit_status != -1
-        transport = chan.get_transport()
-        if not status_known and (transport is None or not transport.is_active()):
+        if not status_known and _connection_going_down(chan):
             raise source.lost_error(f"while running {_short(display)}")
         result = CommandResult(
             display,
@@ -326,6 +325,20 @@ def execute(
             result=result,
         )
     return result
+
+
+def _connection_going_down(chan: paramiko.Channel, grace: float = 0.3) -> bool:
+    """A channel closed with no exit status: a signal-killed command (OpenSSH sends only
+    exit-signal), or the first sign of a dropped connection, whose channels close just
+    before the transport does. Tell them apart by watching the transport briefly."""
+    end = time.monotonic() + grace
+    while True:
+        transport = chan.get_transport()
+        if transport is None or not transport.is_active():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
 
 
 def _stop_remote(source: ChannelSource, chan: paramiko.Channel, marker: str) -> None:

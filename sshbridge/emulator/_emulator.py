@@ -1,0 +1,380 @@
+"""`Emulator`: the in-process stand-in for the Prime Intellect sandbox SSH service."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+
+from ._sidecar import Sidecar, kill_tagged
+from ._state import (
+    ENDPOINTS,
+    APICall,
+    FailRule,
+    OpenSSHTarget,
+    Sandbox,
+    Session,
+    SessionRecord,
+    State,
+    new_id,
+    utcnow,
+)
+
+logger = logging.getLogger("sshbridge.emulator")
+
+_KEY_MARK = "sshbridge-emulator:"
+
+
+class Emulator:
+    """Local emulator of the sandbox API, the key-authorizing gateway and the SSH sidecar.
+
+    Everything binds 127.0.0.1 on ephemeral ports. The switch attributes below may be
+    changed at any time from any thread; they are read when they matter.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        root_dir: str | os.PathLike[str] | None = None,
+        openssh: OpenSSHTarget | None = None,
+    ) -> None:
+        self.api_key: str = api_key or "emu_" + secrets.token_urlsafe(24)
+        self.openssh = openssh
+        self._root_arg = Path(root_dir) if root_dir is not None else None
+        self._root: Path | None = None
+        self._own_root = False
+
+        self.cut_at_expiry: bool = False
+        self.max_channels_per_connection: int | None = None
+        # Open-failure reason code used for the channel cap (4 = resource shortage;
+        # set 1, administratively prohibited, to answer like sshd's MaxSessions).
+        self.channel_cap_failure_code: int = asyncssh.OPEN_RESOURCE_SHORTAGE
+        self.exposure_delay: float = 0.0
+        self.rotate_host_key: bool = False
+        self.rate_limit: tuple[int, float] = (20, 60.0)
+        self.rate_limit_retry_after: bool = True
+        self.time_format: str = "Z"
+
+        self._state = State()
+        self._sidecar: Sidecar | None = None
+        self._http: Any = None  # _http.APIServer, imported lazily to keep modules acyclic
+        self._http_thread: threading.Thread | None = None
+        self._lifecycle = threading.Lock()
+        self._keys_lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> Emulator:
+        from ._http import APIServer
+
+        with self._lifecycle:
+            if self._started:
+                return self
+            if self._stopped:
+                raise RuntimeError("an Emulator cannot be restarted; create a new one")
+            if self._root_arg is None:
+                self._root = Path(tempfile.mkdtemp(prefix="sshbridge-emu-"))
+                self._own_root = True
+            else:
+                self._root = self._root_arg
+                self._root.mkdir(parents=True, exist_ok=True)
+            try:
+                if self.openssh is None:
+                    self._sidecar = Sidecar(self, self._state)
+                    self._sidecar.start()
+                self._http = APIServer(self)
+                self._http_thread = threading.Thread(
+                    target=self._http.serve_forever,
+                    kwargs={"poll_interval": 0.05},
+                    name="sshbridge-emulator-http",
+                    daemon=True,
+                )
+                self._http_thread.start()
+            except BaseException:
+                self._started = True
+                self._stop_locked()
+                raise
+            self._started = True
+            logger.info("emulator listening on %s", self.base_url)
+            return self
+
+    def stop(self) -> None:
+        with self._lifecycle:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if not self._started or self._stopped:
+            self._stopped = True
+            return
+        self._stopped = True
+        http, thread = self._http, self._http_thread
+        if http is not None:
+            if thread is not None and thread.is_alive():
+                http.shutdown()
+            http.server_close()
+            http.close_connections(timeout=3.0)
+        if thread is not None:
+            thread.join(3.0)
+        if self._sidecar is not None:
+            self._sidecar.stop()
+            # Detached (setsid/nohup) sandbox processes outlive their channels by design;
+            # they do not outlive the emulator.
+            kill_tagged(self._sidecar.tag)
+        if self.openssh is not None:
+            with self._state.lock:
+                open_ids = [s.internal_id for s in self._state.sessions.values()]
+            for internal_id in open_ids:
+                self._remove_key_lines(internal_id)
+        if self._own_root and self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- addresses ---------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        if self._http is None:
+            raise RuntimeError("the emulator is not started")
+        port: int = self._http.server_address[1]
+        return f"http://127.0.0.1:{port}"
+
+    def env(self) -> dict[str, str]:
+        return {"PRIME_API_KEY": self.api_key, "PRIME_API_BASE_URL": self.base_url}
+
+    @property
+    def root_dir(self) -> Path:
+        if self._root is None:
+            raise RuntimeError("the emulator is not started")
+        return self._root
+
+    # -- sandboxes ---------------------------------------------------------------
+
+    def create_sandbox(
+        self, status: str = "RUNNING", vm: bool = False, name: str | None = None
+    ) -> str:
+        root = self.root_dir
+        sid = new_id("sbx_")
+        directory = root / sid
+        directory.mkdir(parents=True)
+        now = utcnow()
+        sandbox = Sandbox(
+            id=sid,
+            name=name or f"emulated-{sid[4:12]}",
+            status=status,
+            vm=vm,
+            directory=directory,
+            created_at=now,
+            updated_at=now,
+            started_at=now if status == "RUNNING" else None,
+        )
+        with self._state.lock:
+            self._state.sandboxes[sid] = sandbox
+        return sid
+
+    def set_status(self, sandbox_id: str, status: str) -> None:
+        with self._state.lock:
+            sandbox = self._state.sandboxes[sandbox_id]
+            leaving = sandbox.status == "RUNNING" and status != "RUNNING"
+            sandbox.status = status
+            sandbox.updated_at = utcnow()
+            if status == "RUNNING" and sandbox.started_at is None:
+                sandbox.started_at = sandbox.updated_at
+            affected: list[Session] = []
+            if leaving:
+                for session in self._state.sessions.values():
+                    if session.sandbox_id == sandbox_id and not session.exposure_closed:
+                        session.exposure_closed = True
+                        affected.append(session)
+        if not leaving:
+            return
+        if self._sidecar is not None:
+            self._sidecar.close_sandbox(sandbox_id, f"sandbox is {status}")
+        if self.openssh is not None:
+            for session in affected:
+                self._remove_key_lines(session.internal_id)
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        with self._state.lock:
+            return self._state.sandboxes[sandbox_id].directory
+
+    # -- fault injection -------------------------------------------------------------
+
+    def fail_next(
+        self,
+        n: int,
+        status: int,
+        *,
+        retry_after: int | float | str | None = None,
+        body: Any = None,
+        endpoint: str | None = None,
+    ) -> None:
+        """Answer the next `n` matching requests with `status` without touching any state."""
+        if endpoint is not None and endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be None or one of {ENDPOINTS}")
+        if n <= 0:
+            return
+        with self._state.lock:
+            self._state.fail_rules.append(FailRule(n, status, retry_after, body, endpoint))
+
+    def clear_failures(self) -> None:
+        """Forget every pending ``fail_next`` rule."""
+        with self._state.lock:
+            self._state.fail_rules.clear()
+
+    def cut_connections(self, session_id: str | None = None) -> None:
+        """Drop the open SSH connections of one session (or all), as a network cut would.
+
+        The session stays valid: a client may reconnect to it until ``expires_at``.
+        """
+        internal = None
+        if session_id is not None:
+            matches = [s for s in self.sessions if session_id in (s.session_id, s.wire_session_id)]
+            if not matches:
+                raise ValueError(f"unknown session {session_id!r}")
+            internal = matches[-1].session_id
+        if self._sidecar is not None:
+            self._sidecar.cut_connections(internal, "connection cut by the emulator")
+
+    # -- records ---------------------------------------------------------------------
+
+    @property
+    def api_calls(self) -> list[APICall]:
+        with self._state.lock:
+            return list(self._state.calls)
+
+    @property
+    def sessions(self) -> list[SessionRecord]:
+        with self._state.lock:
+            return [s.record() for s in self._state.sessions.values()]
+
+    def open_sessions(self, sandbox_id: str | None = None) -> list[str]:
+        """Ids of sessions created and never DELETEd (expired or not): what a client leaked."""
+        with self._state.lock:
+            return [
+                s.internal_id
+                for s in self._state.sessions.values()
+                if s.deleted_at is None and (sandbox_id is None or s.sandbox_id == sandbox_id)
+            ]
+
+    def ssh_connections(self, session_id: str | None = None) -> int:
+        """Authenticated SSH connections open now (always 0 in OpenSSH mode)."""
+        if self._sidecar is None:
+            return 0
+        if session_id is None:
+            return self._sidecar.connection_count()
+        session = self._state.session_by_any_id(session_id)
+        if session is None:
+            return 0
+        return self._sidecar.connection_count(session.internal_id)
+
+    # -- used by the HTTP layer ------------------------------------------------------
+
+    def _open_session(self, sandbox: Sandbox, ttl: int) -> Session:
+        now = utcnow()
+        internal_id = new_id("sess_")
+        target = self.openssh
+        session = Session(
+            internal_id=internal_id,
+            wire_id=target.username if target is not None else internal_id,
+            sandbox_id=sandbox.id,
+            exposure_id=new_id("exp_"),
+            user_ns=new_id("ns-", 12),
+            job_id=new_id("job-", 16),
+            token=secrets.token_urlsafe(32),
+            created_at=now,
+            expires_at=now + timedelta(seconds=ttl),
+            ttl_seconds=ttl,
+            host=target.host if target is not None else "127.0.0.1",
+            port=target.port if target is not None else 0,
+        )
+        if self._sidecar is not None:
+            if self.rotate_host_key:
+                session.host_key = asyncssh.generate_private_key("ssh-ed25519")
+            else:
+                with self._state.lock:
+                    if sandbox.host_key is None:
+                        sandbox.host_key = asyncssh.generate_private_key("ssh-ed25519")
+                    session.host_key = sandbox.host_key
+            session.port = self._sidecar.open_exposure(session, max(0.0, self.exposure_delay))
+        with self._state.lock:
+            self._state.sessions[internal_id] = session
+            self._state.by_token[session.token] = session
+        return session
+
+    def _close_session(self, session: Session) -> None:
+        with self._state.lock:
+            session.deleted_at = utcnow()
+            session.exposure_closed = True
+        if self._sidecar is not None:
+            self._sidecar.close_exposure(session.internal_id, "session deleted")
+        if self.openssh is not None:
+            self._remove_key_lines(session.internal_id)
+
+    def _authorize(self, session: Session, key: asyncssh.SSHKey) -> None:
+        with self._state.lock:
+            fresh = key.public_data not in session.keys
+            session.keys[key.public_data] = key.get_fingerprint()
+        if self.openssh is not None and fresh:
+            self._append_key_line(session, key)
+
+    # -- OpenSSH mode: authorized_keys upkeep ----------------------------------------
+
+    def _append_key_line(self, session: Session, key: asyncssh.SSHKey) -> None:
+        assert self.openssh is not None
+        path = self.openssh.authorized_keys_file
+        alg, blob = key.export_public_key("openssh").decode().split()[:2]
+        # sshd enforces the expiry itself; its timespec is in the server's local time.
+        until = session.expires_at.astimezone().strftime("%Y%m%d%H%M%S")
+        line = f'expiry-time="{until}" {alg} {blob} {_KEY_MARK}{session.internal_id}\n'
+        with self._keys_lock:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def _remove_key_lines(self, internal_id: str) -> None:
+        assert self.openssh is not None
+        path = self.openssh.authorized_keys_file
+        mark = f" {_KEY_MARK}{internal_id}"
+        with self._keys_lock:
+            try:
+                lines = path.read_text().splitlines(keepends=True)
+            except FileNotFoundError:
+                return
+            kept = [ln for ln in lines if not ln.rstrip("\n").endswith(mark)]
+            if len(kept) == len(lines):
+                return
+            tmp = path.with_name(path.name + ".sshbridge-tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, "".join(kept).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+
+    def __repr__(self) -> str:
+        where = self.base_url if self._http is not None else "not started"
+        return f"<Emulator {where}>"

@@ -1,0 +1,486 @@
+"""The platform API and the key-authorizing gateway, on one stdlib HTTP/1.1 server."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import math
+import re
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import asyncssh
+
+from ._state import Sandbox, Session, format_time, utcnow
+
+if TYPE_CHECKING:
+    from ._emulator import Emulator
+
+logger = logging.getLogger("sshbridge.emulator")
+
+DEFAULT_TTL = 900
+MAX_TTL = 3600
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _detail(status: int, detail: str, **headers: str) -> Response:
+    return Response(status, {"detail": detail}, dict(headers))
+
+
+def _ttl_error(details: str) -> Response:
+    return Response(422, {"errors": [{"param": "ttl_seconds", "details": details}]})
+
+
+# (method, pattern, endpoint name, handler) -- handlers are defined below.
+_ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
+    ("GET", re.compile(r"/api/v1/sandbox/([^/]+)"), "get_sandbox", "_get_sandbox"),
+    (
+        "POST",
+        re.compile(r"/api/v1/sandbox/([^/]+)/ssh-session"),
+        "create_session",
+        "_create_session",
+    ),
+    (
+        "DELETE",
+        re.compile(r"/api/v1/sandbox/([^/]+)/ssh-session/([^/]+)"),
+        "close_session",
+        "_close_session",
+    ),
+    ("POST", re.compile(r"/gateway/([^/]+)/([^/]+)/authorize"), "authorize", "_authorize"),
+]
+
+_ADMIN_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("POST", re.compile(r"/_emulator/sandboxes"), "_admin_create_sandbox"),
+    ("POST", re.compile(r"/_emulator/sandboxes/([^/]+)/status"), "_admin_set_status"),
+    ("GET", re.compile(r"/_emulator/sessions"), "_admin_sessions"),
+]
+
+
+def handle(
+    emu: Emulator, method: str, raw_path: str, headers: Mapping[str, str], body: bytes
+) -> Response:
+    """Route one request (header names lowercased); record API and gateway calls."""
+    path = urlsplit(raw_path).path
+    if path.startswith("/_emulator/"):
+        for m, pattern, fn_name in _ADMIN_ROUTES:
+            match = pattern.fullmatch(path)
+            if match and m == method:
+                if not _api_key_ok(emu, headers):
+                    return _detail(401, "Invalid API key")
+                admin: Callable[..., Response] = globals()[fn_name]
+                return admin(emu, body, *match.groups())
+        return _detail(404, "Not Found")
+
+    endpoint = "unknown"
+    handler: Callable[..., tuple[Response, str | None]] | None = None
+    groups: tuple[str, ...] = ()
+    path_matched = False
+    for m, pattern, name, fn_name in _ROUTES:
+        match = pattern.fullmatch(path)
+        if not match:
+            continue
+        path_matched = True
+        if m == method:
+            endpoint, handler, groups = name, globals()[fn_name], match.groups()
+            break
+
+    sandbox_id: str | None = None
+    if handler is None:
+        resp = _detail(405, "Method Not Allowed") if path_matched else _detail(404, "Not Found")
+    else:
+        if endpoint != "authorize":
+            sandbox_id = groups[0]
+        rule = emu._state.take_failure(endpoint)
+        if rule is not None:
+            resp = Response(
+                rule.status, rule.body if rule.body is not None else {"detail": "Injected failure"}
+            )
+            if rule.retry_after is not None:
+                resp.headers["Retry-After"] = str(rule.retry_after)
+        else:
+            try:
+                resp, sid = handler(emu, headers, body, groups)
+                sandbox_id = sid or sandbox_id
+            except Exception:
+                logger.exception("emulator failed to handle %s %s", method, endpoint)
+                resp = _detail(500, "Internal emulator error")
+    emu._state.record_call(method, path, endpoint, sandbox_id, resp.status)
+    return resp
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization") or ""
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _api_key_ok(emu: Emulator, headers: Mapping[str, str]) -> bool:
+    token = _bearer(headers)
+    return token is not None and hmac.compare_digest(token.encode(), emu.api_key.encode())
+
+
+def _auth_error(headers: Mapping[str, str]) -> Response:
+    if _bearer(headers) is None:
+        return _detail(401, "Not authenticated")
+    return _detail(401, "Invalid API key")
+
+
+def _json_body(body: bytes) -> tuple[dict[str, Any] | None, Response | None]:
+    if not body.strip():
+        return {}, None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, Response(422, {"errors": [{"param": "body", "details": "Invalid JSON"}]})
+    if not isinstance(data, dict):
+        return None, Response(
+            422, {"errors": [{"param": "body", "details": "Body must be a JSON object"}]}
+        )
+    return data, None
+
+
+def _sandbox_json(emu: Emulator, sb: Sandbox) -> dict[str, Any]:
+    fmt = emu.time_format
+    return {
+        "id": sb.id,
+        "name": sb.name,
+        "dockerImage": "python:3.11-slim",
+        "startCommand": "tail -f /dev/null",
+        "cpuCores": 1,
+        "memoryGB": 2,
+        "diskSizeGB": 10,
+        "gpuCount": 0,
+        "status": sb.status,
+        "timeoutMinutes": 60,
+        "environmentVars": {},
+        "createdAt": format_time(sb.created_at, fmt),
+        "updatedAt": format_time(sb.updated_at, fmt),
+        "startedAt": format_time(sb.started_at, fmt) if sb.started_at else None,
+        "userId": "usr_emulator",
+        "teamId": None,
+        "vm": sb.vm,
+        # A field clients do not know, as the real API grows them over time.
+        "emulatorWorkdir": str(sb.directory),
+    }
+
+
+def _session_json(emu: Emulator, s: Session) -> dict[str, Any]:
+    return {
+        "session_id": s.wire_id,
+        "exposure_id": s.exposure_id,
+        "sandbox_id": s.sandbox_id,
+        "host": s.host,
+        "port": s.port,
+        "external_endpoint": f"{s.host}:{s.port}",
+        "expires_at": format_time(s.expires_at, emu.time_format),
+        "ttl_seconds": s.ttl_seconds,
+        "gateway_url": f"{emu.base_url}/gateway/",
+        "user_ns": s.user_ns,
+        "job_id": s.job_id,
+        "token": s.token,
+    }
+
+
+def _lookup_sandbox(emu: Emulator, sandbox_id: str) -> Sandbox | None:
+    with emu._state.lock:
+        return emu._state.sandboxes.get(sandbox_id)
+
+
+# -- API handlers (return the response and the sandbox id to record) -------------------
+
+
+def _get_sandbox(
+    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+) -> tuple[Response, str | None]:
+    if not _api_key_ok(emu, headers):
+        return _auth_error(headers), None
+    sandbox = _lookup_sandbox(emu, groups[0])
+    if sandbox is None:
+        return _detail(404, "Sandbox not found"), None
+    with emu._state.lock:
+        return Response(200, _sandbox_json(emu, sandbox)), None
+
+
+def _create_session(
+    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+) -> tuple[Response, str | None]:
+    sandbox_id = groups[0]
+    if not _api_key_ok(emu, headers):
+        return _auth_error(headers), None
+    limit, window = emu.rate_limit
+    wait = emu._state.rate_check((sandbox_id, emu.api_key), int(limit), float(window))
+    if wait is not None:
+        resp = _detail(429, f"Rate limit exceeded: {limit} requests per {window:g} seconds")
+        if emu.rate_limit_retry_after:
+            resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return resp, None
+
+    data, err = _json_body(body)
+    if err is not None or data is None:
+        return err or _ttl_error("invalid body"), None
+    ttl = data.get("ttl_seconds")
+    if ttl is None:
+        ttl = DEFAULT_TTL
+    elif type(ttl) is not int:  # bool is an int subclass and is refused, like floats
+        return _ttl_error("Input should be a valid integer"), None
+    elif ttl < 1 or ttl > MAX_TTL:
+        return _ttl_error(f"ttl_seconds must be between 1 and {MAX_TTL}"), None
+
+    sandbox = _lookup_sandbox(emu, sandbox_id)
+    if sandbox is None:
+        return _detail(404, "Sandbox not found"), None
+    with emu._state.lock:
+        status, vm = sandbox.status, sandbox.vm
+    if status != "RUNNING":
+        return _detail(409, f"Sandbox is not running (status: {status})"), None
+    if vm:
+        return _detail(400, "SSH sessions are not supported for VM sandboxes"), None
+    try:
+        session = emu._open_session(sandbox, ttl)
+    except Exception:
+        logger.exception("could not open an SSH exposure")
+        return _detail(503, "Could not expose the SSH sidecar"), None
+    return Response(200, _session_json(emu, session)), None
+
+
+def _close_session(
+    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+) -> tuple[Response, str | None]:
+    sandbox_id, session_id = groups
+    if not _api_key_ok(emu, headers):
+        return _auth_error(headers), None
+    if _lookup_sandbox(emu, sandbox_id) is None:
+        return _detail(404, "Sandbox not found"), None
+    found: Session | None = None
+    with emu._state.lock:
+        # Newest first: in OpenSSH mode every session shares the wire id (the username).
+        for cand in reversed(list(emu._state.sessions.values())):
+            if (
+                cand.sandbox_id == sandbox_id
+                and cand.deleted_at is None
+                and session_id in (cand.wire_id, cand.internal_id)
+            ):
+                found = cand
+                break
+    if found is None:
+        return _detail(404, "SSH session not found"), None
+    emu._close_session(found)
+    return Response(200, {"ok": True}), None
+
+
+def _authorize(
+    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+) -> tuple[Response, str | None]:
+    user_ns, job_id = groups
+    token = _bearer(headers)
+    with emu._state.lock:
+        session = emu._state.by_token.get(token) if token else None
+    if session is None:
+        return _detail(401, "Invalid or missing session token"), None
+    sid = session.sandbox_id
+    if session.user_ns != user_ns or session.job_id != job_id:
+        return _detail(404, "Job not found"), sid
+    data, err = _json_body(body)
+    if err is not None or data is None:
+        return err or _detail(422, "invalid body"), sid
+    if data.get("session_id") != session.wire_id:
+        return _detail(403, "Token does not belong to this session"), sid
+    if session.deleted_at is not None:
+        return _detail(410, "SSH session was closed"), sid
+    if session.expired(utcnow()):
+        return _detail(410, "SSH session has expired"), sid
+    sandbox = _lookup_sandbox(emu, sid)
+    if sandbox is None or sandbox.status != "RUNNING" or session.exposure_closed:
+        return _detail(409, "Sandbox is not running"), sid
+    public_key = data.get("public_key")
+    if not isinstance(public_key, str) or not public_key.strip():
+        return _detail(422, "public_key is required"), sid
+    try:
+        key = asyncssh.import_public_key(public_key.strip())
+    except (asyncssh.KeyImportError, ValueError, TypeError):
+        return _detail(422, "public_key is not a valid OpenSSH public key"), sid
+    emu._authorize(session, key)
+    return Response(200, {"ok": True}), sid
+
+
+# -- admin endpoints (not recorded; for driving an emulator in another process) --------
+
+
+def _admin_create_sandbox(emu: Emulator, body: bytes) -> Response:
+    data, err = _json_body(body)
+    if err is not None or data is None:
+        return err or _detail(422, "invalid body")
+    sid = emu.create_sandbox(
+        status=str(data.get("status") or "RUNNING"),
+        vm=bool(data.get("vm", False)),
+        name=data.get("name") if isinstance(data.get("name"), str) else None,
+    )
+    sandbox = _lookup_sandbox(emu, sid)
+    assert sandbox is not None
+    return Response(201, _sandbox_json(emu, sandbox))
+
+
+def _admin_set_status(emu: Emulator, body: bytes, sandbox_id: str) -> Response:
+    data, err = _json_body(body)
+    if err is not None or data is None or not isinstance(data.get("status"), str):
+        return err or _detail(422, "status is required")
+    sandbox = _lookup_sandbox(emu, sandbox_id)
+    if sandbox is None:
+        return _detail(404, "Sandbox not found")
+    emu.set_status(sandbox_id, data["status"])
+    return Response(200, _sandbox_json(emu, sandbox))
+
+
+def _admin_sessions(emu: Emulator, body: bytes) -> Response:
+    out = []
+    for rec in emu.sessions:
+        out.append(
+            {
+                "session_id": rec.session_id,
+                "wire_session_id": rec.wire_session_id,
+                "sandbox_id": rec.sandbox_id,
+                "created_at": format_time(rec.created_at, "Z"),
+                "expires_at": format_time(rec.expires_at, "Z"),
+                "deleted_at": format_time(rec.deleted_at, "Z") if rec.deleted_at else None,
+                "port": rec.port,
+                "authorized_keys": rec.authorized_keys,
+                "ssh_connections": emu.ssh_connections(rec.session_id),
+            }
+        )
+    return Response(200, out)
+
+
+# -- server ---------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sshbridge-emulator"
+    sys_version = ""
+    disable_nagle_algorithm = True  # headers and body are separate writes
+    server: APIServer
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _dispatch(self) -> None:
+        try:
+            body = self._read_body()
+        except (ValueError, OSError):
+            self.close_connection = True
+            self._send(_detail(400, "Malformed request body"))
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        resp = handle(self.server.emu, self.command, self.path, headers, body)
+        self._send(resp)
+
+    def _send(self, resp: Response) -> None:
+        data = b"" if resp.status == 204 else json.dumps(resp.body).encode()
+        self.send_response(resp.status)
+        for name, value in resp.headers.items():
+            self.send_header(name, value)
+        if resp.status != 204:
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data:
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Request lines only (never headers): the API key and tokens live in headers.
+        logger.debug("http %s - " + format, self.client_address[0], *args)
+
+
+class APIServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # keep-alive handlers are shut down explicitly in close_connections
+
+    def __init__(self, emu: Emulator) -> None:
+        self.emu = emu
+        self._conns: dict[threading.Thread, socket.socket] = {}
+        self._conns_lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def server_bind(self) -> None:
+        # Skip HTTPServer.server_bind's getfqdn(), a DNS lookup we do not need.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = "127.0.0.1"
+        self.server_port = self.server_address[1]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self._serve_connection,
+            args=(request, client_address),
+            name="sshbridge-emulator-http-conn",
+            daemon=True,
+        )
+        with self._conns_lock:
+            self._conns[thread] = request
+        thread.start()
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            logger.debug("http connection error", exc_info=True)
+        finally:
+            self.shutdown_request(request)
+            with self._conns_lock:
+                self._conns.pop(threading.current_thread(), None)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("http connection error", exc_info=True)
+
+    def close_connections(self, timeout: float) -> None:
+        with self._conns_lock:
+            items = list(self._conns.items())
+        for _, sock in items:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread, _ in items:
+            thread.join(timeout)

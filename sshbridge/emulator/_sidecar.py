@@ -1,0 +1,1044 @@
+"""The SSH sidecar: an AsyncSSH server on its own event loop thread, one listener per session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import termios
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncssh
+from asyncssh.channel import SSHChannel
+from asyncssh.stream import SSHServerStreamSession
+
+from ._state import Session, State, utcnow
+
+if TYPE_CHECKING:
+    from ._emulator import Emulator
+
+logger = logging.getLogger("sshbridge.emulator")
+
+T = TypeVar("T")
+
+# How long a hung-up process group may outlive its channel before SIGKILL.
+HANGUP_GRACE = 1.0
+# A pty whose shell exited while something still holds the slave open is closed after
+# this much output silence instead of waiting for an EIO that may never come.
+_PTY_DRAIN_IDLE = 0.1
+_PTY_INPUT_HIGH = 256 * 1024
+_SWEEP_INTERVAL = 0.25
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "ip6-localhost"})
+TAG_VAR = "SSHBRIDGE_EMULATOR"
+
+
+def kill_tagged(tag: str) -> int:
+    """SIGKILL every process whose environment carries this emulator's tag (Linux /proc)."""
+    needle = f"{TAG_VAR}={tag}:".encode()
+    killed = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    for name in entries:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if any(item.startswith(needle) for item in environ.split(b"\0")):
+            with contextlib.suppress(OSError):
+                os.kill(int(name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def _acquire_ctty() -> None:
+    # Runs in the child after setsid(): make the pty slave (fd 0) its controlling terminal.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _set_winsize(fd: int, size: tuple[int, int, int, int]) -> None:
+    width, height, pixw, pixh = size
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height or 24, width or 80, pixw, pixh))
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name.removeprefix("SIG")
+    except ValueError:
+        return f"SIG{signum}@sshbridge"
+
+
+class Sidecar:
+    """Owns the event loop thread; every public method here is safe to call from any thread."""
+
+    def __init__(self, emu: Emulator, state: State) -> None:
+        self._emu = emu
+        self._state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._exposures: dict[str, _Exposure] = {}
+        self._live: set[_ChannelSession] = set()  # channels whose process is not reaped yet
+        self._count_lock = threading.Lock()
+        self._auth_counts: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.tag = secrets.token_hex(8)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        ready = threading.Event()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="sshbridge-emulator-sidecar", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("SSH sidecar loop did not start")
+        self.call(self._start_sweeper)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if thread.is_alive() and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
+            except Exception:
+                logger.warning("SSH sidecar did not shut down cleanly", exc_info=True)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        self._loop = None
+        self._thread = None
+
+    def call(self, fn: Callable[[], Coroutine[Any, Any, T]], timeout: float = 15.0) -> T:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the SSH sidecar is not running")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Sidecar.call() from the sidecar thread would deadlock")
+        return asyncio.run_coroutine_threadsafe(fn(), loop).result(timeout)
+
+    async def _start_sweeper(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        # Backstop for the per-session expiry timer: also catches cut_at_expiry
+        # being switched on after a session already expired.
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            if not self._emu.cut_at_expiry:
+                continue
+            now = utcnow()
+            for exp in list(self._exposures.values()):
+                if exp.conns and now >= exp.session.expires_at:
+                    exp.cut("session expired")
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for exp in list(self._exposures.values()):
+            exp.close(abort=True)
+        self._exposures.clear()
+        for chan_session in list(self._live):
+            chan_session.kill()
+        deadline = loop.time() + 3.0
+        while self._live and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)  # let channel/connection cleanup callbacks run
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
+
+    # -- called from the HTTP side -----------------------------------------------
+
+    def open_exposure(self, session: Session, delay: float) -> int:
+        return self.call(lambda: self._open_exposure(session, delay))
+
+    def close_exposure(self, internal_id: str, reason: str) -> None:
+        async def close() -> None:
+            exp = self._exposures.pop(internal_id, None)
+            if exp is not None:
+                exp.close(reason=reason)
+
+        self._call_quietly(close)
+
+    def cut_connections(self, internal_id: str | None, reason: str) -> None:
+        """Drop open SSH connections (a network cut); sessions and listeners stay."""
+
+        async def cut() -> None:
+            for key, exp in list(self._exposures.items()):
+                if internal_id is None or key == internal_id:
+                    exp.cut(reason)
+
+        self._call_quietly(cut)
+
+    def close_sandbox(self, sandbox_id: str, reason: str) -> None:
+        async def close() -> None:
+            for key, exp in list(self._exposures.items()):
+                if exp.session.sandbox_id == sandbox_id:
+                    del self._exposures[key]
+                    exp.close(reason=reason)
+
+        self._call_quietly(close)
+
+    def connection_count(self, internal_id: str | None = None) -> int:
+        with self._count_lock:
+            if internal_id is None:
+                return sum(self._auth_counts.values())
+            return self._auth_counts.get(internal_id, 0)
+
+    def _call_quietly(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        with contextlib.suppress(RuntimeError):  # already stopped: nothing left to close
+            self.call(fn)
+
+    # -- loop side -----------------------------------------------------------------
+
+    async def _open_exposure(self, session: Session, delay: float) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Bound but not listening: the kernel answers SYNs with RST until listen().
+            sock.bind(("127.0.0.1", 0))
+        except OSError:
+            sock.close()
+            raise
+        port: int = sock.getsockname()[1]
+        exp = _Exposure(self, session, sock)
+        self._exposures[session.internal_id] = exp
+        loop = asyncio.get_running_loop()
+        remaining = (session.expires_at - utcnow()).total_seconds()
+        exp.expiry_handle = loop.call_later(max(0.0, remaining), self._on_expiry, exp)
+        if delay > 0:
+            exp.delay_handle = loop.call_later(delay, exp.start_later)
+        else:
+            await exp.start_listening()
+        return port
+
+    def _on_expiry(self, exp: _Exposure) -> None:
+        exp.expiry_handle = None
+        if self._emu.cut_at_expiry:
+            exp.cut("session expired")
+
+    def key_allowed(self, session: Session, username: str, key: asyncssh.SSHKey) -> bool:
+        state = self._state
+        with state.lock:
+            if username != session.wire_id or session.deleted_at is not None:
+                return False
+            if session.exposure_closed or session.expired():
+                return False
+            sandbox = state.sandboxes.get(session.sandbox_id)
+            if sandbox is None or sandbox.status != "RUNNING":
+                return False
+            return key.public_data in session.keys
+
+    def count(self, internal_id: str, delta: int) -> None:
+        with self._count_lock:
+            n = self._auth_counts.get(internal_id, 0) + delta
+            if n > 0:
+                self._auth_counts[internal_id] = n
+            else:
+                self._auth_counts.pop(internal_id, None)
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        with self._state.lock:
+            return self._state.sandboxes[sandbox_id].directory
+
+    @property
+    def emu(self) -> Emulator:
+        return self._emu
+
+    def track(self, chan_session: _ChannelSession, live: bool) -> None:
+        if live:
+            self._live.add(chan_session)
+        else:
+            self._live.discard(chan_session)
+
+
+class _Exposure:
+    """One session's listening port and the SSH connections that came through it."""
+
+    def __init__(self, sidecar: Sidecar, session: Session, sock: socket.socket) -> None:
+        self.sidecar = sidecar
+        self.session = session
+        self.sock: socket.socket | None = sock
+        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self.conns: set[_ConnServer] = set()
+        self.closed = False
+        self.delay_handle: asyncio.TimerHandle | None = None
+        self.expiry_handle: asyncio.TimerHandle | None = None
+        self.start_task: asyncio.Task[None] | None = None
+
+    def start_later(self) -> None:
+        self.delay_handle = None
+        self.start_task = asyncio.get_running_loop().create_task(self.start_listening())
+
+    async def start_listening(self) -> None:
+        sock = self.sock
+        if self.closed or sock is None:
+            return
+        try:
+            acceptor = await asyncssh.listen(
+                sock=sock,
+                server_factory=lambda: _ConnServer(self),
+                server_host_keys=[self.session.host_key],
+                line_editor=False,
+                gss_host=None,
+                x11_forwarding=False,
+                agent_forwarding=False,
+                allow_scp=False,
+                login_timeout=60,
+            )
+        except Exception:
+            logger.exception("could not start the SSH listener for a session")
+            sock.close()
+            self.sock = None
+            return
+        self.sock = None  # the asyncio server owns it now
+        self.acceptor = acceptor
+        if self.closed:
+            acceptor.close()
+            self.acceptor = None
+
+    def cut(self, reason: str) -> None:
+        # Say why, then drop the TCP connection for real: a graceful disconnect alone can
+        # leave the connection open while a channel's process keeps it busy.
+        for conn in list(self.conns):
+            conn.disconnect(reason)
+        loop = asyncio.get_running_loop()
+        for conn in list(self.conns):
+            loop.call_later(0.05, conn.abort)
+
+    def close(self, *, reason: str = "session closed", abort: bool = False) -> None:
+        self.closed = True
+        for handle in (self.delay_handle, self.expiry_handle):
+            if handle is not None:
+                handle.cancel()
+        self.delay_handle = self.expiry_handle = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.acceptor is not None:
+            self.acceptor.close()
+            self.acceptor = None
+        for conn in list(self.conns):
+            if abort:
+                conn.abort()
+            else:
+                conn.disconnect(reason)
+
+
+class _Slot:
+    """Counts one client-opened channel against max_channels_per_connection."""
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHServerChannel[bytes] | asyncssh.SSHTCPChannel[bytes] | None = None
+        self.opened = False
+        self.done = False
+        self._waiter: asyncio.Task[None] | None = None
+
+    def watch(self, chan: asyncssh.SSHServerChannel[bytes] | asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+        # wait_closed also fires for opens that failed, which never reach the session.
+        self._waiter = asyncio.get_running_loop().create_task(chan.wait_closed())
+        self._waiter.add_done_callback(self._finished)
+
+    def _finished(self, _task: asyncio.Task[None]) -> None:
+        self.done = True
+
+    def live(self) -> bool:
+        if self.done:
+            return False
+        # A channel that saw CLOSE in either direction no longer counts, even before
+        # asyncssh's deferred cleanup runs: the client may reuse the slot right away.
+        return not (self.opened and self.chan is not None and self.chan.is_closing())
+
+
+class _ConnServer(asyncssh.SSHServer):
+    """Per-connection policy: who may log in, which channels may open."""
+
+    def __init__(self, exp: _Exposure) -> None:
+        self._exp = exp
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._authed = False
+        self._slots: list[_Slot] = []
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._exp.conns.add(self)
+        if self._exp.closed:
+            asyncio.get_running_loop().call_soon(conn.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._exp.conns.discard(self)
+        if self._authed:
+            self._authed = False
+            self._exp.sidecar.count(self._exp.session.internal_id, -1)
+
+    def disconnect(self, reason: str) -> None:
+        if self._conn is not None:
+            self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+
+    def abort(self) -> None:
+        if self._conn is not None:
+            self._conn.abort()
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        allowed = self._exp.sidecar.key_allowed(self._exp.session, username, key)
+        if allowed:
+            # Count here rather than in auth_completed(), which asyncssh calls only after
+            # USERAUTH_SUCCESS is on the wire: a client could otherwise see itself
+            # connected before ssh_connections() does.
+            self.auth_completed()
+        return allowed
+
+    def auth_completed(self) -> None:
+        if not self._authed:
+            self._authed = True
+            self._exp.sidecar.count(self._exp.session.internal_id, +1)
+
+    def _claim_slot(self) -> _Slot:
+        emu = self._exp.sidecar.emu
+        cap = emu.max_channels_per_connection
+        self._slots = [s for s in self._slots if s.live()]
+        if cap is not None and len(self._slots) >= cap:
+            raise asyncssh.ChannelOpenError(
+                emu.channel_cap_failure_code,
+                f"too many open channels on this connection (max {cap})",
+            )
+        slot = _Slot()
+        self._slots.append(slot)
+        return slot
+
+    def session_requested(self) -> Any:
+        assert self._conn is not None
+        slot = self._claim_slot()
+        chan: asyncssh.SSHServerChannel[bytes] = self._conn.create_server_channel(encoding=None)
+        slot.watch(chan)
+        return chan, _ChannelSession(self._exp, slot)
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Any:
+        conn = self._conn
+        assert conn is not None
+        if dest_host not in _LOOPBACK:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                "only loopback destinations inside the sandbox are allowed",
+            )
+        slot = self._claim_slot()
+        chan: asyncssh.SSHTCPChannel[bytes] = conn.create_tcp_channel()
+        slot.watch(chan)
+
+        async def forward() -> asyncssh.SSHForwarder:
+            session = await conn.forward_connection(dest_host, dest_port)
+            slot.opened = True
+            return session
+
+        return chan, forward()
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return listen_host in _LOOPBACK
+
+
+class _SandboxSFTPServer(asyncssh.SFTPServer):
+    """Not chrooted: absolute paths are the real filesystem; relative ones start in the sandbox."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], directory: bytes) -> None:
+        super().__init__(chan)
+        self._dir = directory
+
+    def map_path(self, path: bytes) -> bytes:
+        if path.startswith(b"/"):
+            return path
+        return os.path.join(self._dir, path) if path else self._dir
+
+
+class _ChannelSession(asyncssh.SSHServerSession[bytes]):
+    """One session channel: exec, shell (with or without pty), or the SFTP subsystem."""
+
+    def __init__(self, exp: _Exposure, slot: _Slot) -> None:
+        self._exp = exp
+        self._sidecar = exp.sidecar
+        self._slot = slot
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._term: tuple[str, tuple[int, int, int, int]] | None = None
+        self._command: str | None = None
+        self._sftp: SSHServerStreamSession[bytes] | None = None
+        self._proc: _Process | None = None
+        self._pending: list[bytes] = []
+        self._pending_eof = False
+        self._out_paused = False
+        self._input_paused = False
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- asyncssh callbacks ------------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+        self._slot.opened = True
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
+    ) -> bool:
+        self._term = (term_type or "xterm", term_size)
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        size = (width, height, pixwidth, pixheight)
+        if self._term is not None:
+            self._term = (self._term[0], size)
+        if isinstance(self._proc, _PtyProcess):
+            self._proc.resize(size)
+
+    def shell_requested(self) -> bool:
+        self._command = None
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._command = command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem != "sftp" or self._chan is None:
+            return False
+        directory = os.fsencode(self._sidecar.sandbox_dir(self._exp.session.sandbox_id))
+
+        def factory(chan: SSHChannel[bytes]) -> asyncssh.SFTPServer:
+            assert isinstance(chan, asyncssh.SSHServerChannel)
+            return _SandboxSFTPServer(chan, directory)
+
+        # Hand the channel to asyncssh's own SFTP stream session and forward to it.
+        sftp: SSHServerStreamSession[bytes] = SSHServerStreamSession(None, factory, 3)
+        sftp.connection_made(self._chan)
+        if not sftp.subsystem_requested(subsystem):
+            return False
+        self._sftp = sftp
+        return True
+
+    def session_started(self) -> None:
+        if self._sftp is not None:
+            self._sftp.session_started()
+            return
+        self._spawn_task(self._start())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._sftp is not None:
+            self._sftp.data_received(data, datatype)
+        elif self._proc is not None:
+            self._proc.write(data)
+        else:
+            self._pending.append(data)
+
+    def eof_received(self) -> bool:
+        if self._sftp is not None:
+            return self._sftp.eof_received()
+        if self._proc is not None:
+            self._proc.write_eof()
+        else:
+            self._pending_eof = True
+        return True  # keep our side open: output may still follow
+
+    def pause_writing(self) -> None:
+        if self._sftp is not None:
+            self._sftp.pause_writing()
+            return
+        self._out_paused = True
+        if self._proc is not None:
+            self._proc.pause_output()
+
+    def resume_writing(self) -> None:
+        if self._sftp is not None:
+            self._sftp.resume_writing()
+            return
+        self._out_paused = False
+        if self._proc is not None:
+            self._proc.resume_output()
+
+    def signal_received(self, name: str) -> None:
+        signum = getattr(signal, "SIG" + name.upper().removeprefix("SIG"), None)
+        if self._proc is not None and isinstance(signum, int):
+            self._proc.signal(signum)
+
+    def break_received(self, msec: int) -> bool:
+        if isinstance(self._proc, _PtyProcess):
+            self._proc.write(b"\x03")
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._slot.done = True
+        if self._sftp is not None:
+            self._sftp.connection_lost(exc)
+            self._sftp = None
+        if self._proc is not None and not self._proc.done:
+            self._proc.hangup()
+
+    # -- process side ------------------------------------------------------------
+
+    def _environment(self) -> dict[str, str]:
+        directory = str(self._sidecar.sandbox_dir(self._exp.session.sandbox_id))
+        env = dict(os.environ)
+        env.pop("PRIME_API_KEY", None)  # the host's credentials do not belong in the sandbox
+        env["HOME"] = directory
+        env["PWD"] = directory
+        # Survives setsid/nohup, so stop() can find detached leftovers (kill_tagged).
+        env[TAG_VAR] = f"{self._sidecar.tag}:{self._exp.session.sandbox_id}"
+        if self._chan is not None:
+            for key, value in self._chan.get_environment().items():
+                if isinstance(key, str) and isinstance(value, str) and "=" not in key:
+                    env[key] = value
+        if self._term is not None:
+            env["TERM"] = self._term[0]
+        return env
+
+    def _argv(self) -> list[str]:
+        if self._command is not None:
+            return ["/bin/sh", "-c", self._command]
+        if self._term is not None:
+            bash = shutil.which("bash")
+            return [bash, "-i"] if bash else ["/bin/sh", "-i"]
+        return ["/bin/sh"]
+
+    async def _start(self) -> None:
+        chan = self._chan
+        if chan is None or self._closed:
+            return
+        cwd = self._sidecar.sandbox_dir(self._exp.session.sandbox_id)
+        proc: _Process
+        try:
+            if self._term is not None:
+                pty_proc = _PtyProcess(self)
+                await pty_proc.spawn(self._argv(), cwd, self._environment(), self._term[1])
+                proc = pty_proc
+            else:
+                pipe_proc = _PipeProcess(self)
+                await pipe_proc.spawn(self._argv(), cwd, self._environment())
+                proc = pipe_proc
+        except Exception as exc:
+            logger.debug("could not start a sandbox process", exc_info=True)
+            if not chan.is_closing():
+                msg = f"sshbridge emulator: cannot start process: {exc}\r\n"
+                chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
+                chan.exit(127)
+            return
+        # Input that arrived while spawning was queued in _pending; from here on it goes direct.
+        self._proc = proc
+        if proc.done:
+            return
+        self._sidecar.track(self, True)
+        if self._term is not None and isinstance(proc, _PtyProcess):
+            proc.resize(self._term[1])
+        if self._closed:
+            proc.hangup()
+            return
+        for data in self._pending:
+            proc.write(data)
+        self._pending.clear()
+        if self._pending_eof:
+            proc.write_eof()
+        if self._out_paused:
+            proc.pause_output()
+
+    def on_output(self, data: bytes, stderr: bool) -> None:
+        chan = self._chan
+        if self._closed or chan is None or chan.is_closing():
+            return
+        chan.write(data, asyncssh.EXTENDED_DATA_STDERR if stderr else None)
+
+    def on_input_pressure(self, paused: bool) -> None:
+        chan = self._chan
+        if self._closed or chan is None:
+            return
+        self._input_paused = paused
+        if paused:
+            chan.pause_reading()
+        else:
+            # Not synchronously: asyncio's pipe transport calls resume_writing() from
+            # inside _write_ready() and closes the pipe right after if write_eof() ran
+            # meanwhile, dropping whatever a synchronous resume had just buffered.
+            asyncio.get_running_loop().call_soon(self._resume_input)
+
+    def _resume_input(self) -> None:
+        if not self._closed and not self._input_paused and self._chan is not None:
+            self._chan.resume_reading()
+
+    def on_done(self, returncode: int) -> None:
+        self._sidecar.track(self, False)
+        if not self._closed:
+            self._spawn_task(self._finish(returncode))
+
+    async def _finish(self, returncode: int) -> None:
+        chan = self._chan
+        if chan is None:
+            return
+        # Report the status only after all output left, so it is the last thing a client sees.
+        while chan.get_write_buffer_size() > 0 and not chan.is_closing():
+            await asyncio.sleep(0.005)
+        if chan.is_closing():
+            return
+        chan.write_eof()
+        if returncode < 0:
+            chan.exit_with_signal(_signal_name(-returncode))
+        else:
+            chan.exit(returncode)
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+
+
+class _Process(asyncio.SubprocessProtocol):
+    """A child in its own session/process group, wired to one channel."""
+
+    def __init__(self, owner: _ChannelSession) -> None:
+        self.owner = owner
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.pid = 0
+        self.returncode: int | None = None
+        self.done = False
+        self._out_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.transport = transport
+        self.pid = transport.get_pid()
+
+    def process_exited(self) -> None:
+        assert self.transport is not None
+        self.returncode = self.transport.get_returncode()
+        self._check_done()
+
+    def _outputs_closed(self) -> bool:
+        raise NotImplementedError
+
+    def _check_done(self) -> None:
+        if self.done or self.returncode is None or not self._outputs_closed():
+            return
+        self.done = True
+        self._close_io()
+        if self.transport is not None:
+            self.transport.close()
+        self.owner.on_done(self.returncode)
+
+    def signal(self, signum: int) -> None:
+        if self.pid and self.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signum)
+
+    def hangup(self) -> None:
+        """The channel went away: SIGHUP the group, SIGKILL it if its leader ignores that."""
+        self._close_io()
+        if self.returncode is None:
+            self.signal(signal.SIGHUP)
+            self.signal(signal.SIGCONT)
+            self.loop.call_later(HANGUP_GRACE, self.signal, signal.SIGKILL)
+        self._check_done()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self._close_io()
+        self._check_done()
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def write_eof(self) -> None:
+        raise NotImplementedError
+
+    def pause_output(self) -> None:
+        raise NotImplementedError
+
+    def resume_output(self) -> None:
+        raise NotImplementedError
+
+    def _close_io(self) -> None:
+        raise NotImplementedError
+
+
+class _PipeProcess(_Process):
+    """Plain exec: stdin/stdout/stderr as pipes, flow control through asyncio transports."""
+
+    def __init__(self, owner: _ChannelSession) -> None:
+        super().__init__(owner)
+        self._open_outputs = {1, 2}
+
+    async def spawn(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        await self.loop.subprocess_exec(
+            lambda: self,
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+        if self._out_paused:
+            self.pause_output()
+
+    def _pipe(self, fd: int) -> asyncio.BaseTransport | None:
+        if self.transport is None:
+            return None
+        pipe = self.transport.get_pipe_transport(fd)
+        if pipe is None or pipe.is_closing():
+            return None
+        return pipe
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if isinstance(data, bytes):
+            self.owner.on_output(data, fd == 2)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open_outputs.discard(fd)
+        self._check_done()
+
+    def _outputs_closed(self) -> bool:
+        return not self._open_outputs
+
+    def pause_writing(self) -> None:
+        self.owner.on_input_pressure(True)
+
+    def resume_writing(self) -> None:
+        self.owner.on_input_pressure(False)
+
+    def write(self, data: bytes) -> None:
+        pipe = self._pipe(0)
+        if isinstance(pipe, asyncio.WriteTransport):
+            pipe.write(data)
+
+    def write_eof(self) -> None:
+        pipe = self._pipe(0)
+        if isinstance(pipe, asyncio.WriteTransport):
+            pipe.write_eof()
+
+    def pause_output(self) -> None:
+        self._out_paused = True
+        for fd in (1, 2):
+            pipe = self._pipe(fd)
+            if isinstance(pipe, asyncio.ReadTransport):
+                pipe.pause_reading()
+
+    def resume_output(self) -> None:
+        self._out_paused = False
+        for fd in (1, 2):
+            pipe = self._pipe(fd)
+            if isinstance(pipe, asyncio.ReadTransport):
+                pipe.resume_reading()
+
+    def _close_io(self) -> None:
+        # Close the pipes only: transport.close() would SIGKILL the leader at once.
+        for fd in (0, 1, 2):
+            pipe = self._pipe(fd)
+            if pipe is not None:
+                pipe.close()
+
+
+class _PtyProcess(_Process):
+    """Shell or exec on a real pty that is the child's controlling terminal."""
+
+    def __init__(self, owner: _ChannelSession) -> None:
+        super().__init__(owner)
+        self.master: int | None = None
+        self._io_closed = False
+        self._eof = False
+        self._reading = False
+        self._inbuf = bytearray()
+        self._writing = False
+        self._pressure = False
+        self._last_output = 0.0
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def spawn(
+        self, argv: list[str], cwd: Path, env: dict[str, str], size: tuple[int, int, int, int]
+    ) -> None:
+        master, slave = os.openpty()
+        try:
+            _set_winsize(master, size)
+            await self.loop.subprocess_exec(
+                lambda: self,
+                *argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_acquire_ctty,
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        self.master = master
+        self._last_output = self.loop.time()
+        if not self._out_paused:
+            self._start_reading()
+        if self.returncode is not None:
+            self._start_drain()
+
+    def _start_reading(self) -> None:
+        if self.master is not None and not self._reading and not self._eof:
+            self.loop.add_reader(self.master, self._readable)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self.master is not None and self._reading:
+            self.loop.remove_reader(self.master)
+        self._reading = False
+
+    def _readable(self) -> None:
+        if self.master is None:
+            return
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # EIO: every slave descriptor is closed
+        if not data:
+            self._stop_reading()
+            self._eof = True
+            self._check_done()
+            return
+        self._last_output = self.loop.time()
+        self.owner.on_output(data, False)
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.done and self.master is not None:
+            self._start_drain()
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        # The shell is gone; a background job may still hold the slave open, so stop
+        # waiting for EIO once output has been quiet for a moment.
+        while not self.done:
+            await asyncio.sleep(0.02)
+            idle = self.loop.time() - self._last_output
+            if not self._out_paused and idle >= _PTY_DRAIN_IDLE:
+                self._readable()
+                self._eof = True
+                self._check_done()
+
+    def _outputs_closed(self) -> bool:
+        return self._eof or self._io_closed
+
+    def resize(self, size: tuple[int, int, int, int]) -> None:
+        if self.master is not None:
+            with contextlib.suppress(OSError):
+                _set_winsize(self.master, size)
+
+    def write(self, data: bytes) -> None:
+        if self.master is None:
+            return
+        self._inbuf += data
+        self._flush_input()
+
+    def _flush_input(self) -> None:
+        master = self.master
+        while self._inbuf and master is not None:
+            try:
+                n = os.write(master, self._inbuf)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._inbuf.clear()
+                break
+            del self._inbuf[:n]
+        if self._inbuf and master is not None:
+            if not self._writing:
+                self.loop.add_writer(master, self._flush_input)
+                self._writing = True
+            if not self._pressure and len(self._inbuf) > _PTY_INPUT_HIGH:
+                self._pressure = True
+                self.owner.on_input_pressure(True)
+        else:
+            if self._writing and master is not None:
+                self.loop.remove_writer(master)
+            self._writing = False
+            if self._pressure:
+                self._pressure = False
+                self.owner.on_input_pressure(False)
+
+    def write_eof(self) -> None:
+        pass  # as with sshd, EOF on a pty channel does not reach the terminal
+
+    def pause_output(self) -> None:
+        self._out_paused = True
+        self._stop_reading()
+
+    def resume_output(self) -> None:
+        self._out_paused = False
+        self._start_reading()
+
+    def _close_io(self) -> None:
+        self._io_closed = True
+        master = self.master
+        if master is None:
+            return
+        self._stop_reading()
+        if self._writing:
+            self.loop.remove_writer(master)
+            self._writing = False
+        self._inbuf.clear()
+        self.master = None
+        os.close(master)  # hangs up the terminal: the kernel SIGHUPs its session
+        if self._drain_task is not None and self._drain_task is not asyncio.current_task():
+            self._drain_task.cancel()
