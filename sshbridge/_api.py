@@ -64,7 +64,7 @@ _SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 MAX_TTL = 3600
 DEFAULT_TTL = 900
 # A Retry-After longer than this is not waited for: the error goes to the caller.
-MAX_RETRY_AFTER = 60.0
+MAX_RETRY_AFTER = 30.0
 
 
 def validate_sandbox_id(sandbox_id: object) -> str:

@@ -155,10 +155,9 @@ class SessionManager:
         if link is not None and not link.closed and not link.expired:
             # Dropped while idle and the session is still valid. A stopped sandbox also
             # drops connections: ask first, so that case fails fast and clearly.
-            try:
+            # If the API is unwell the SSH side may still be fine: go on and reconnect.
+            with contextlib.suppress(APIConnectionError, ServerError, RateLimited):
                 self.broker.check_sandbox()
-            except (APIConnectionError, ServerError, RateLimited):
-                pass  # the API is unwell; the SSH side may still be fine
             try:
                 link.connect(time.monotonic() + min(self.connect_timeout, 5.0))
                 self.reconnects += 1

@@ -250,10 +250,10 @@ def test_sixty_four_concurrent_with_channel_cap(emu: Emulator) -> None:
     sandbox = emu.create_sandbox()
     outs: list[str] = []
     with connect(emu, sandbox) as shell:
-        threads = [
-            threading.Thread(target=lambda i=i: outs.append(shell.run(f"sleep 0.2; echo {i}").stdout))
-            for i in range(64)
-        ]
+        def work(i: int) -> None:
+            outs.append(shell.run(f"sleep 0.2; echo {i}").stdout)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(64)]
         for t in threads:
             t.start()
         for t in threads:
