@@ -163,3 +163,19 @@ def test_host_key_pinned_against_a_different_server(
             assert "pinned" in str(info.value)
     finally:
         other.stop()
+
+
+def test_durable_job_and_renewal_on_openssh(emu: Emulator) -> None:
+    sandbox = emu.create_sandbox()
+    with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url, ttl_seconds=3) as shell:
+        job = shell.spawn("for i in 1 2 3 4 5 6 7 8; do echo $i; sleep 0.5; done; exit 5")
+        outs = []
+        while job.poll() is None:
+            outs.append(shell.run("echo tick").stdout)
+            time.sleep(0.1)
+        result = job.wait()
+        assert result.exit_code == 5
+        assert result.stdout == "".join(f"{i}\n" for i in range(1, 9))
+        assert shell.renewals >= 1
+        assert set(outs) == {"tick\n"}
+        assert shell.job(job.id).wait().stdout == result.stdout
