@@ -12,6 +12,7 @@ Retries follow HTTP semantics (tenacity drives them, one rate-budget slot per at
 from __future__ import annotations
 
 import logging
+from collections import deque
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -225,7 +226,7 @@ class APIClient:
         self._http.headers["User-Agent"] = f"sshbridge/{__version__}"
         self._redact = _Redactor([self.config.api_key])
         # Exposed for tests and tools; each entry: (monotonic time, method, path, status)
-        self.calls: list[tuple[float, str, str, int | None]] = []
+        self.calls: deque[tuple[float, str, str, int | None]] = deque(maxlen=1000)
 
     def __repr__(self) -> str:
         return f"APIClient(base_url={self.config.base_url!r})"

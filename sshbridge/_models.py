@@ -89,6 +89,12 @@ class Sandbox(BaseModel):
     user_id: str | None = Field(default=None, alias="userId")
     team_id: str | None = Field(default=None, alias="teamId")
 
+    def __repr_args__(self) -> Any:
+        # Unknown fields (environment variables among them) may hold secrets: not shown.
+        for name, value in super().__repr_args__():
+            if name in type(self).model_fields:
+                yield name, value
+
     @field_validator("created_at", "updated_at", "started_at", "terminated_at")
     @classmethod
     def _times_aware(cls, value: datetime | None) -> datetime | None:
