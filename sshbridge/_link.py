@@ -22,7 +22,7 @@ import paramiko
 from ._exceptions import ChannelOpenError, ConnectionLost, SessionExpired, SSHConnectError
 from ._hostkeys import HostKeyPolicy
 from ._models import SSHSession
-from ._transport import EphemeralKey, connect
+from ._transport import SFTP_MAX_PACKET_SIZE, EphemeralKey, connect
 
 log = logging.getLogger("sshbridge.link")
 
@@ -160,7 +160,9 @@ class Link:
                 return count > 0
             return True
 
-    def open_channel(self, timeout: float = CHANNEL_OPEN_TIMEOUT) -> paramiko.Channel:
+    def open_channel(
+        self, timeout: float = CHANNEL_OPEN_TIMEOUT, *, max_packet_size: int | None = None
+    ) -> paramiko.Channel:
         """A new session channel; falls over to another transport when one is refused."""
         deadline = time.monotonic() + timeout
         delay = 0.01
@@ -180,7 +182,8 @@ class Link:
                 for c in candidates:
                     try:
                         chan = c.transport.open_session(
-                            timeout=max(1.0, deadline - time.monotonic())
+                            timeout=max(1.0, deadline - time.monotonic()),
+                            max_packet_size=max_packet_size,
                         )
                     except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
                         if c.transport.is_active():
@@ -242,7 +245,7 @@ class Link:
             self._prune()
             pair = self._sftp_idle.pop() if self._sftp_idle else None
         if pair is None or not pair[0].transport.is_active():
-            chan = self.open_channel()
+            chan = self.open_channel(max_packet_size=SFTP_MAX_PACKET_SIZE)
             try:
                 chan.invoke_subsystem("sftp")
                 client = paramiko.SFTPClient(chan)

@@ -15,7 +15,7 @@ from typing import IO, Any
 import paramiko
 import requests
 
-from . import _runner, _sftp
+from . import _jobs, _runner, _sftp, _transfer, _tunnels
 from ._api import DEFAULT_TTL, APIClient, validate_sandbox_id, validate_ttl
 from ._broker import SessionBroker
 from ._config import Config
@@ -27,10 +27,12 @@ from ._exceptions import (
     SSHBridgeError,
 )
 from ._hostkeys import HostKeyPolicy, KnownHostsFile, PinFirstHostKey
+from ._jobs import Job
 from ._lifecycle import SessionManager
 from ._link import Link
 from ._models import Sandbox, SSHSession
 from ._result import CommandResult
+from ._transfer import Verify
 
 log = logging.getLogger("sshbridge")
 
@@ -269,6 +271,26 @@ class SandboxSSH:
             **kw,
         )
 
+    # -- durable jobs ------------------------------------------------------------------------
+
+    def spawn(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Job:
+        """Start ``command`` detached in the sandbox and return a :class:`Job` handle.
+
+        The job outlives this session and this object: its output and exit status are
+        kept in files in the sandbox, and ``job(job.id)`` re-attaches later.
+        """
+        return _jobs.start(self, command, cwd=cwd, env=env)
+
+    def job(self, job_id: str) -> Job:
+        """Re-attach to a job started by ``spawn`` (from any process or session)."""
+        return _jobs.attach(self, job_id)
+
     # -- files -----------------------------------------------------------------------------
 
     def put(
@@ -278,14 +300,23 @@ class SandboxSSH:
         *,
         preserve_mode: bool = True,
         callback: Callable[[int, int], None] | None = None,
+        verify: Verify = "size",
+        resume: bool = False,
     ) -> str:
         """Upload a file atomically (temporary name, then rename); returns the remote path.
 
         A remote path ending in ``/`` or naming a directory receives the file under its
-        local name.
+        local name. ``verify="sha256"`` checks a checksum computed on both ends;
+        ``resume=True`` continues an interrupted upload from its kept partial file.
         """
         return _sftp.put(
-            self._manager.source(), local, remote, preserve_mode=preserve_mode, callback=callback
+            self._manager.source(),
+            local,
+            remote,
+            preserve_mode=preserve_mode,
+            callback=callback,
+            verify=verify,
+            resume=resume,
         )
 
     def get(
@@ -295,10 +326,60 @@ class SandboxSSH:
         *,
         preserve_mode: bool = True,
         callback: Callable[[int, int], None] | None = None,
+        verify: Verify = "size",
+        resume: bool = False,
     ) -> Path:
         """Download a file; the local file appears whole or not at all."""
         return _sftp.get(
-            self._manager.source(), remote, local, preserve_mode=preserve_mode, callback=callback
+            self._manager.source(),
+            remote,
+            local,
+            preserve_mode=preserve_mode,
+            callback=callback,
+            verify=verify,
+            resume=resume,
+        )
+
+    def put_dir(
+        self,
+        local_dir: str | os.PathLike[str],
+        remote_dir: str,
+        *,
+        preserve_mode: bool = True,
+        preserve_times: bool = True,
+        verify: Verify = "size",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Upload a directory tree (modes, mtimes and empty directories kept)."""
+        return _transfer.put_dir(
+            self._manager.source(),
+            local_dir,
+            remote_dir,
+            preserve_mode=preserve_mode,
+            preserve_times=preserve_times,
+            verify=verify,
+            callback=callback,
+        )
+
+    def get_dir(
+        self,
+        remote_dir: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        preserve_mode: bool = True,
+        preserve_times: bool = True,
+        verify: Verify = "size",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> list[Path]:
+        """Download a directory tree (modes, mtimes and empty directories kept)."""
+        return _transfer.get_dir(
+            self._manager.source(),
+            remote_dir,
+            local_dir,
+            preserve_mode=preserve_mode,
+            preserve_times=preserve_times,
+            verify=verify,
+            callback=callback,
         )
 
     def putfo(
@@ -308,9 +389,12 @@ class SandboxSSH:
         *,
         mode: int | None = None,
         callback: Callable[[int, int], None] | None = None,
+        verify: Verify = "size",
     ) -> str:
         """Upload from a binary file object, atomically."""
-        return _sftp.putfo(self._manager.source(), fileobj, remote, mode=mode, callback=callback)
+        return _sftp.putfo(
+            self._manager.source(), fileobj, remote, mode=mode, callback=callback, verify=verify
+        )
 
     def getfo(
         self,
@@ -318,9 +402,12 @@ class SandboxSSH:
         fileobj: IO[bytes],
         *,
         callback: Callable[[int, int], None] | None = None,
+        verify: Verify = "size",
     ) -> int:
         """Download into a binary file object; returns the byte count."""
-        return _sftp.getfo(self._manager.source(), remote, fileobj, callback=callback)
+        return _sftp.getfo(
+            self._manager.source(), remote, fileobj, callback=callback, verify=verify
+        )
 
     def open(self, path: str, mode: str = "r", bufsize: int = -1) -> _sftp.RemoteFile:
         """Open a remote file over SFTP (a context manager, like ``open``)."""
@@ -371,7 +458,7 @@ class SandboxSSH:
         local_host: str = "127.0.0.1",
         *,
         max_connections: int = 64,
-    ) -> Any:
+    ) -> _tunnels.LocalForward:
         """Forward a local port to ``remote_host:remote_port`` as seen inside the sandbox.
 
         ::
@@ -404,7 +491,7 @@ class SandboxSSH:
         remote_host: str = "127.0.0.1",
         *,
         max_connections: int = 64,
-    ) -> Any:
+    ) -> _tunnels.RemoteForward:
         """Listen on ``remote_host:remote_port`` inside the sandbox and carry each
         connection to ``local_host:local_port`` here (``ssh -R``).
 

@@ -37,6 +37,9 @@ logging.getLogger("paramiko.transport").addFilter(_QuietChannelRefusals())
 # adjust; still small enough that 64 channels stay well inside memory.
 WINDOW_SIZE = 4 * 1024 * 1024
 MAX_PACKET_SIZE = 32768
+# SFTP channels take bigger packets: fewer per-packet Python passes on downloads.
+SFTP_MAX_PACKET_SIZE = 262144
+_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ def _open_once(
     transport = paramiko.Transport(
         sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
     )
+    options = transport.get_security_options()
+    # AES-GCM first where paramiko has it: measured ~1/3 less CPU per byte than CTR+HMAC.
+    gcm = tuple(c for c in _GCM if c in options.ciphers)
+    options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
     transport.banner_timeout = timeout
     transport.auth_timeout = timeout
     transport.handshake_timeout = timeout
