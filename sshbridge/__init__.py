@@ -26,6 +26,7 @@ from ._exceptions import (
     InvalidArgument,
     NotFound,
     PaymentRequired,
+    PortForwardError,
     RateBudgetExhausted,
     RateLimited,
     RemotePathError,
@@ -40,10 +41,12 @@ from ._exceptions import (
     SSHError,
 )
 from ._hostkeys import AcceptAnyHostKey, HostKeyPolicy, KnownHostsFile, PinFirstHostKey
+from ._jobs import Job, JobStatus
 from ._models import ErrorDetail, Sandbox, SSHSession
 from ._result import CommandResult
 from ._sandbox import SandboxSSH
 from ._sftp import RemoteFile
+from ._tunnels import LocalForward, RemoteForward
 from ._version import __version__
 
 __all__ = [
@@ -66,13 +69,18 @@ __all__ = [
     "HostKeyMismatch",
     "HostKeyPolicy",
     "InvalidArgument",
+    "Job",
+    "JobStatus",
     "KnownHostsFile",
+    "LocalForward",
     "NotFound",
     "PaymentRequired",
     "PinFirstHostKey",
+    "PortForwardError",
     "RateBudgetExhausted",
     "RateLimited",
     "RemoteFile",
+    "RemoteForward",
     "RemotePathError",
     "RequestValidationError",
     "SSHBridgeError",

@@ -26,7 +26,8 @@ can catch at whatever level they care about::
     │   ├── HostKeyMismatch                    the sidecar presented a different host key
     │   ├── ConnectionLost                     an established connection dropped
     │   │   └── SessionExpired                 ... because the session's life ended
-    │   └── ChannelOpenError                   the server refused a new channel
+    │   ├── ChannelOpenError                   the server refused a new channel
+    │   └── PortForwardError                   the server refused a port forward
     ├── CommandError                           a command exited non-zero under check=True (.result)
     │   └── CommandTimeout                     a command ran past its timeout (also TimeoutError)
     └── RemotePathError                        a remote file operation failed (.path, .errno)
@@ -60,6 +61,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PaymentRequired",
+    "PortForwardError",
     "RateBudgetExhausted",
     "RateLimited",
     "RemotePathError",
@@ -208,6 +210,10 @@ class ConnectionLost(SSHError):
 
 class SessionExpired(ConnectionLost):
     """The session reached its ``expires_at`` and its connection is gone."""
+
+
+class PortForwardError(SSHError):
+    """The server refused a port forward (a listener in the sandbox, or a destination)."""
 
 
 class ChannelOpenError(SSHError):
