@@ -12,9 +12,9 @@ Retries follow HTTP semantics (tenacity drives them, one rate-budget slot per at
 from __future__ import annotations
 
 import logging
-from collections import deque
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
