@@ -199,13 +199,12 @@ class Link:
                     if chan is None:
                         self.active_channels -= 1
                         self._idle.notify_all()
-            if not candidates or refused == len(candidates):
-                if not candidates and self.expired:
-                    raise self.lost_error("before a channel could open")
-                if self._grow(generation):
-                    continue
-            if not candidates and not self._conns:
+            if not candidates:
+                # Every connection is gone: the session manager decides what that means
+                # (reconnect, new session, stopped sandbox), not this link.
                 raise self.lost_error("before a channel could open")
+            if refused == len(candidates) and self._grow(generation):
+                continue
             if time.monotonic() >= deadline:
                 raise ChannelOpenError(
                     f"sandbox {self.sandbox_id}: the server refused new channels for "
