@@ -229,7 +229,8 @@ def test_cut_connection_mid_upload(link: Link, rdir: Path, tmp_path: Path) -> No
     with pytest.raises(ConnectionLost):
         _sftp.put(link, src, str(rdir / "t.bin"), callback=cut)
     assert (rdir / "t.bin").read_bytes() == b"old"
-    # The link reconnects on the next call, and a plain put replaces the target.
+    # Reconnect (what SandboxSSH's session manager does); a plain put replaces the target.
+    link.connect()
     _sftp.put(link, src, str(rdir / "t.bin"))
     assert (rdir / "t.bin").read_bytes() == src.read_bytes()
 
@@ -351,6 +352,7 @@ def test_resumed_upload_sends_only_the_rest(
     assert 4_000_000 <= kept < len(data)
     assert part.read_bytes() == data[:kept]
 
+    link.connect()  # what SandboxSSH's session manager does after a cut
     calls = _record(monkeypatch, "upload")
     seen: list[int] = []
     _sftp.put(link, src, str(target), resume=True, verify="sha256",
@@ -415,6 +417,7 @@ def test_resumed_download_fetches_only_the_rest(
     kept = part.stat().st_size
     assert 4_000_000 <= kept < len(data) and part.read_bytes() == data[:kept]
 
+    link.connect()  # what SandboxSSH's session manager does after a cut
     calls = _record(monkeypatch, "download")
     _sftp.get(link, str(rdir / "big.bin"), dest, resume=True, verify="sha256")
     assert dest.read_bytes() == data and not part.exists()
