@@ -30,12 +30,22 @@ log = logging.getLogger("sshbridge.link")
 CHANNEL_OPEN_TIMEOUT = 30.0
 
 
+# After a refusal, a connection counts as full at that many channels for this long:
+# sshd's own count lags behind closes, so the real limit comes back soon.
+REFUSAL_MEMORY = 0.5
+
+
 class _Conn:
-    __slots__ = ("channels", "transport")
+    __slots__ = ("channels", "full_at", "refused_until", "transport")
 
     def __init__(self, transport: paramiko.Transport) -> None:
         self.transport = transport
         self.channels = 0
+        self.full_at = 0
+        self.refused_until = 0.0
+
+    def looks_full(self, now: float) -> bool:
+        return now < self.refused_until and self.channels >= self.full_at
 
 
 class Link:
@@ -172,35 +182,37 @@ class Link:
                 if self._closed:
                     raise ConnectionLost(f"session {self.session.session_id} is closed")
                 self._prune()
-                candidates = sorted(self._conns, key=lambda c: c.channels)
-                generation = self._generation
-                for c in candidates:
-                    c.channels += 1
-                self.active_channels += 1
+                now = time.monotonic()
+                # Skip connections that just refused at this load: each refusal costs a
+                # round trip, and many threads would otherwise all try the same one.
+                open_ = [c for c in self._conns if not c.looks_full(now)]
+                if not open_ and self._conns and len(self._conns) < self.max_connections:
+                    generation = self._generation
+                    candidates = []
+                else:
+                    candidates = sorted(open_ or self._conns, key=lambda c: c.channels)
+                    generation = self._generation
             refused = 0
-            chan = None
-            try:
-                for c in candidates:
-                    try:
-                        chan = c.transport.open_session(
-                            timeout=max(1.0, deadline - time.monotonic()),
-                            max_packet_size=max_packet_size,
-                        )
-                    except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
+            for c in candidates:
+                with self._lock:
+                    c.channels += 1  # counted while opening, so other threads spread out
+                try:
+                    chan = c.transport.open_session(
+                        timeout=max(1.0, deadline - time.monotonic()),
+                        max_packet_size=max_packet_size,
+                    )
+                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
+                    with self._lock:
+                        c.channels -= 1
                         if c.transport.is_active():
                             refused += 1
-                        continue
-                    # The channel keeps its connection's count until it closes.
-                    self._track(c, chan)
-                    return chan
-            finally:
-                with self._lock:
-                    for c in candidates:
-                        c.channels -= 1
-                    if chan is None:
-                        self.active_channels -= 1
-                        self._idle.notify_all()
-            if not candidates:
+                            c.full_at = max(1, c.channels)
+                            c.refused_until = time.monotonic() + REFUSAL_MEMORY
+                    continue
+                # The channel keeps its connection's count until it closes.
+                self._track(c, chan)
+                return chan
+            if not candidates and not self._conns:
                 # Every connection is gone: the session manager decides what that means
                 # (reconnect, new session, stopped sandbox), not this link.
                 raise self.lost_error("before a channel could open")
@@ -217,7 +229,7 @@ class Link:
 
     def _track(self, conn: _Conn, chan: paramiko.Channel) -> None:
         with self._lock:
-            conn.channels += 1
+            self.active_channels += 1
         # A weak reference: a closure holding the channel would make a reference cycle
         # that only the cyclic garbage collector frees.
         chan_ref = weakref.ref(chan)

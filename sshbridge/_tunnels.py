@@ -121,11 +121,11 @@ def open_tcpip_channel(
             except (paramiko.SSHException, EOFError, OSError):
                 continue  # this transport is gone; _prune drops it next round
             finally:
-                with link._lock:
-                    conn.channels -= 1
-                    if chan is not None:
-                        # Counted like a session channel, so Link balances and waits on it.
-                        link.active_channels += 1
+                if chan is None:
+                    with link._lock:
+                        conn.channels -= 1
+            # Counted like a session channel (the reserved slot stays until it closes), so
+            # Link balances and drains on it.
             link._track(conn, chan)
             return chan
         if candidates and refused == len(candidates) and link._grow(generation):
