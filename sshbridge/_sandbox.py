@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -36,15 +35,16 @@ from ._transfer import Verify
 
 log = logging.getLogger("sshbridge")
 
-_live: weakref.WeakSet[SandboxSSH] = weakref.WeakSet()
 
 
-@atexit.register
-def _close_at_exit() -> None:
-    # Objects never closed still must not leak sessions.
-    for shell in list(_live):
+def _release(manager: SessionManager, api: APIClient) -> None:
+    """Close what a SandboxSSH opened. Runs on close(), when an unclosed object is
+    garbage collected, or at interpreter exit: sessions never outlive their owner."""
+    try:
         with contextlib.suppress(Exception):
-            shell.close()
+            manager.close()
+    finally:
+        api.close()
 
 
 def _positive(name: str, value: object, allow_zero: bool = False) -> float:
@@ -132,7 +132,8 @@ class SandboxSSH:
             auto_renew=auto_renew,
             on_renew=on_renew,
         )
-        _live.add(self)
+        # weakref.finalize also runs at interpreter exit (atexit) for objects still alive.
+        self._finalizer = weakref.finalize(self, _release, self._manager, self._api)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -156,11 +157,7 @@ class SandboxSSH:
 
     def close(self) -> None:
         """Close every channel and transport and DELETE every session this object opened."""
-        try:
-            self._manager.close()
-        finally:
-            self._api.close()
-            _live.discard(self)
+        self._finalizer()
 
     @property
     def closed(self) -> bool:

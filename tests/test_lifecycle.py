@@ -350,3 +350,32 @@ def test_ctrl_c_in_a_real_process_leaves_nothing_open(emu: Emulator, tmp_path: P
     while emu.ssh_connections() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert emu.ssh_connections() == 0
+
+
+def test_unclosed_objects_close_when_collected_and_at_exit(emu: Emulator, tmp_path: Path) -> None:
+    import gc
+
+    sandbox = emu.create_sandbox()
+    shell = connect(emu, sandbox)
+    shell.run("true")
+    assert emu.open_sessions(sandbox) != []
+    del shell
+    gc.collect()
+    assert emu.open_sessions(sandbox) == []
+    assert _settle_threads() == []
+
+    script = tmp_path / "forgets.py"
+    script.write_text(
+        "from sshbridge import SandboxSSH\n"
+        f"shell = SandboxSSH({sandbox!r})\n"
+        "shell.run('true')\n"
+        "print('ran', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, **emu.env()},
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == b"ran"
+    assert emu.open_sessions(sandbox) == []
