@@ -9,6 +9,7 @@
 """
 
 from ._api import APIClient
+from ._async import AsyncFleet, AsyncJob, AsyncSandboxSSH
 from ._config import Config, load_config
 from ._exceptions import (
     APIConnectionError,
@@ -40,6 +41,7 @@ from ._exceptions import (
     SSHConnectError,
     SSHError,
 )
+from ._fleet import Fleet, FleetError, FleetResult, FleetResults
 from ._hostkeys import AcceptAnyHostKey, HostKeyPolicy, KnownHostsFile, PinFirstHostKey
 from ._jobs import Job, JobStatus
 from ._models import ErrorDetail, Sandbox, SSHSession
@@ -56,6 +58,9 @@ __all__ = [
     "APIStatusError",
     "APITimeout",
     "AcceptAnyHostKey",
+    "AsyncFleet",
+    "AsyncJob",
+    "AsyncSandboxSSH",
     "AuthenticationError",
     "ChannelOpenError",
     "CommandError",
@@ -66,6 +71,10 @@ __all__ = [
     "Conflict",
     "ConnectionLost",
     "ErrorDetail",
+    "Fleet",
+    "FleetError",
+    "FleetResult",
+    "FleetResults",
     "HostKeyMismatch",
     "HostKeyPolicy",
     "InvalidArgument",

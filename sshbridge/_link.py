@@ -10,8 +10,8 @@ command running on it.
 from __future__ import annotations
 
 import contextlib
-import socket
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -135,6 +135,7 @@ class Link:
             policy=self.policy,
             deadline=deadline,
             keepalive=self.keepalive,
+            cancelled=lambda: self._closed,
         )
         with self._lock:
             if self._closed:
@@ -195,7 +196,10 @@ class Link:
             refused = 0
             for c in candidates:
                 with self._lock:
-                    c.channels += 1  # counted while opening, so other threads spread out
+                    # Counted from the moment of opening: other threads spread out, and a
+                    # retired link never looks idle (and gets closed) under an opening channel.
+                    c.channels += 1
+                    self.active_channels += 1
                 try:
                     chan = c.transport.open_session(
                         timeout=max(1.0, deadline - time.monotonic()),
@@ -204,6 +208,8 @@ class Link:
                 except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
                     with self._lock:
                         c.channels -= 1
+                        self.active_channels -= 1
+                        self._idle.notify_all()
                         if c.transport.is_active():
                             refused += 1
                             c.full_at = max(1, c.channels)
@@ -228,8 +234,7 @@ class Link:
             delay = min(delay * 2, 0.25)
 
     def _track(self, conn: _Conn, chan: paramiko.Channel) -> None:
-        with self._lock:
-            self.active_channels += 1
+        """Release the slot reserved for ``chan`` (on ``conn``) when it closes."""
         # A weak reference: a closure holding the channel would make a reference cycle
         # that only the cyclic garbage collector frees.
         chan_ref = weakref.ref(chan)

@@ -6,6 +6,7 @@ import io
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paramiko
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 from tenacity.stop import stop_base
 
-from ._exceptions import HostKeyMismatch, SSHConnectError
+from ._exceptions import ConnectionLost, HostKeyMismatch, SSHConnectError
 from ._hostkeys import HostKeyPolicy
 
 log = logging.getLogger("sshbridge.transport")
@@ -136,6 +137,7 @@ def connect(
     policy: HostKeyPolicy,
     deadline: float,
     keepalive: float = 15.0,
+    cancelled: Callable[[], bool] | None = None,
 ) -> paramiko.Transport:
     """Connect and authenticate, retrying with backoff until ``deadline`` (monotonic).
 
@@ -147,6 +149,9 @@ def connect(
     last: list[str] = []
 
     def once() -> paramiko.Transport:
+        if cancelled is not None and cancelled():
+            # The owner closed (its session is DELETEd): stop now, don't retry.
+            raise ConnectionLost("the link was closed while connecting")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Retry("deadline passed")

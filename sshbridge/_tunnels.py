@@ -95,6 +95,7 @@ def open_tcpip_channel(
             # spread out and a busy connection never looks empty.
             with link._lock:
                 conn.channels += 1
+                link.active_channels += 1
             others = 0
             chan: paramiko.Channel | None = None
             try:
@@ -124,6 +125,7 @@ def open_tcpip_channel(
                 if chan is None:
                     with link._lock:
                         conn.channels -= 1
+                        link.active_channels -= 1
             # Counted like a session channel (the reserved slot stays until it closes), so
             # Link balances and drains on it.
             link._track(conn, chan)
