@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import SECRET_KEY
+from emu_helpers import alive, opts, settle_threads
 
 from sshbridge import CommandTimeout, SandboxNotRunning
 from sshbridge._async import AsyncFleet, AsyncSandboxSSH
@@ -30,39 +29,6 @@ def emu() -> Iterator[Emulator]:
         emulator.cut_at_expiry = True
         yield emulator
         assert emulator.open_sessions() == []
-
-
-def opts(emu: Emulator) -> dict[str, Any]:
-    return {"api_key": emu.api_key, "base_url": emu.base_url}
-
-
-def library_threads() -> list[threading.Thread]:
-    import paramiko
-
-    return [
-        t
-        for t in threading.enumerate()
-        if (t.name.startswith("sshbridge") and not t.name.startswith("sshbridge-emulator"))
-        or isinstance(t, paramiko.Transport)
-    ]
-
-
-def settle_threads(timeout: float = 5.0) -> list[threading.Thread]:
-    end = time.monotonic() + timeout
-    while True:
-        left = library_threads()
-        if not left or time.monotonic() > end:
-            return left
-        time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 async def appear(*paths: Path, timeout: float = 10.0) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SECRET_KEY
+from emu_helpers import library_threads, settle_threads
 
 from sshbridge import (
     CommandTimeout,
@@ -42,18 +43,6 @@ def emu() -> Iterator[Emulator]:
 
 def connect(emu: Emulator, sandbox_id: str, **kw: object) -> SandboxSSH:
     return SandboxSSH(sandbox_id, api_key=emu.api_key, base_url=emu.base_url, **kw)  # type: ignore[arg-type]
-
-
-def library_threads() -> list[threading.Thread]:
-    """Threads the library (or paramiko on its behalf) runs."""
-    import paramiko
-
-    return [
-        t
-        for t in threading.enumerate()
-        if (t.name.startswith("sshbridge") and not t.name.startswith("sshbridge-emulator"))
-        or isinstance(t, paramiko.Transport)
-    ]
 
 
 def max_posts_in_window(emu: Emulator, sandbox_id: str, window: float = 60.0) -> int:
@@ -133,14 +122,7 @@ def test_soak_renewals_under_load(emu: Emulator) -> None:
     assert time.monotonic() - start >= 40
     assert emu.open_sessions() == []
     assert max_posts_in_window(emu, sandbox) <= 20
-    assert _settle_threads() == []
-
-
-def _settle_threads(timeout: float = 3.0) -> list[threading.Thread]:
-    end = time.monotonic() + timeout
-    while library_threads() and time.monotonic() < end:
-        time.sleep(0.05)
-    return library_threads()
+    assert settle_threads() == []
 
 
 def test_renewal_survives_500_503_and_429(emu: Emulator) -> None:
@@ -312,7 +294,7 @@ def test_no_thread_survives_exit(emu: Emulator) -> None:
     with connect(emu, sandbox, ttl_seconds=4) as shell:
         shell.run("true")
         assert library_threads() != []
-    assert _settle_threads() == []
+    assert settle_threads() == []
 
 
 def test_ctrl_c_in_a_real_process_leaves_nothing_open(emu: Emulator, tmp_path: Path) -> None:
@@ -362,7 +344,7 @@ def test_unclosed_objects_close_when_collected_and_at_exit(emu: Emulator, tmp_pa
     del shell
     gc.collect()
     assert emu.open_sessions(sandbox) == []
-    assert _settle_threads() == []
+    assert settle_threads() == []
 
     script = tmp_path / "forgets.py"
     script.write_text(
