@@ -9,6 +9,7 @@ another process. Output is read by offset, so a rotation neither loses nor repea
 
 from __future__ import annotations
 
+import codecs
 import re
 import secrets
 import shlex
@@ -187,8 +188,6 @@ class Job:
         """Yield the job's output as it grows, until the job ends (follows like tail -f)."""
         if which not in ("stdout", "stderr"):
             raise InvalidArgument("which must be 'stdout' or 'stderr'")
-        import codecs
-
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         offset = 0
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import weakref
@@ -433,8 +434,6 @@ class SandboxSSH:
         return self.read_bytes(path).decode(encoding)
 
     def write_bytes(self, path: str, data: bytes) -> str:
-        import io
-
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgument("data must be bytes")
         return self.putfo(io.BytesIO(bytes(data)), path)
@@ -468,9 +467,7 @@ class SandboxSSH:
         ``start()``/``close()``). Each connection uses the session current when it is
         accepted, so the forward survives a change of session.
         """
-        from ._tunnels import LocalForward
-
-        return LocalForward(
+        return _tunnels.LocalForward(
             self._current_link,
             remote_port,
             local_port,
@@ -501,9 +498,7 @@ class SandboxSSH:
         sandbox). Raises ``PortForwardError`` (an :class:`SSHError`) when the server
         refuses to listen. The listener ends with the SSH connection it was made on.
         """
-        from ._tunnels import RemoteForward
-
-        return RemoteForward(
+        return _tunnels.RemoteForward(
             self._current_link,
             remote_port,
             local_port,

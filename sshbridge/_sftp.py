@@ -55,6 +55,10 @@ def _remote_error(exc: BaseException, path: str, action: str) -> RemotePathError
     return RemotePathError(f"{action} {path!r}: {text}{hint}", path=path, errno=code)
 
 
+# OSErrors that mean the connection failed, not the remote file operation.
+_LINK_ERRORS = (ConnectionError, TimeoutError)
+
+
 @contextlib.contextmanager
 def _mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFTPClient]:
     try:
@@ -67,13 +71,9 @@ def _mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFT
             raise _remote_error(exc, path, action) from None
         raise source.lost_error(f"during {action} {path!r}") from None
     except OSError as exc:
-        if isinstance(exc, (socket_errors())):
+        if isinstance(exc, _LINK_ERRORS):
             raise source.lost_error(f"during {action} {path!r}") from None
         raise _remote_error(exc, path, action) from None
-
-
-def socket_errors() -> tuple[type[BaseException], ...]:
-    return (ConnectionError, TimeoutError)
 
 
 def _is_dir(client: paramiko.SFTPClient, path: str) -> bool:
