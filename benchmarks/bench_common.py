@@ -263,7 +263,9 @@ def _emulator_child(config_json: str) -> None:
     if config.get("openssh"):
         host, port, user, path = config["openssh"]
         target = OpenSSHTarget(host, int(port), user, Path(path))
-    with Emulator(openssh=target) as emu:
+    # Contract A: the hand-written baseline flows above speak the token/gateway flow, and a
+    # bare sshd takes no session preamble.
+    with Emulator(openssh=target, contract="sidecar") as emu:
         emu.cut_at_expiry = bool(config.get("cut_at_expiry"))
         print(json.dumps({"base_url": emu.base_url, "api_key": emu.api_key}), flush=True)
         sys.stdin.read()  # run until the parent closes our stdin

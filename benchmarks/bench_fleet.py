@@ -204,7 +204,7 @@ def main() -> None:
             target = OpenSSHTarget(
                 server.host, server.port, server.username, server.authorized_keys_file
             )
-            with Emulator(openssh=target) as emu:
+            with Emulator(openssh=target, contract="sidecar") as emu:
                 ids = [emu.create_sandbox() for _ in range(args.n)]
                 cfg = {
                     "ids": ids,

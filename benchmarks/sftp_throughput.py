@@ -90,7 +90,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         from sshbridge import _sftp, _transport
         from sshbridge._hostkeys import PinFirstHostKey
         from sshbridge._link import Link
-        from sshbridge._models import SSHSession
+        from sshbridge._models import SidecarSSHSession
 
         if args.worker == "sshbridge-gcm":
             # What benchmarks/README.md proposes for _transport.py, applied from outside.
@@ -101,7 +101,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             _transport.MAX_PACKET_SIZE = 262144
         pkey = paramiko.Ed25519Key(filename=args.key)
         key = _transport.EphemeralKey(pkey, f"{pkey.get_name()} {pkey.get_base64()}")
-        session = SSHSession(
+        session = SidecarSSHSession(
             session_id=args.user, exposure_id="bench", sandbox_id="bench", host=args.host,
             port=args.port, external_endpoint="bench",
             expires_at=datetime.now(timezone.utc) + timedelta(hours=1), ttl_seconds=3600,

@@ -8,9 +8,11 @@
         shell.put("data.tar", "/workspace/data.tar")
 """
 
+import logging as _logging
+
 from ._api import APIClient
 from ._async import AsyncFleet, AsyncJob, AsyncSandboxSSH
-from ._config import Config, load_config
+from ._config import Config, ConfigSources, describe_config, load_config
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -40,16 +42,22 @@ from ._exceptions import (
     SSHBridgeError,
     SSHConnectError,
     SSHError,
+    UnexpectedResponse,
 )
 from ._fleet import Fleet, FleetError, FleetResult, FleetResults
 from ._hostkeys import AcceptAnyHostKey, HostKeyPolicy, KnownHostsFile, PinFirstHostKey
 from ._jobs import Job, JobStatus
-from ._models import ErrorDetail, Sandbox, SSHSession
+from ._models import ErrorDetail, Sandbox, SandboxList, SidecarSSHSession, SSHSession
 from ._result import CommandResult
 from ._sandbox import SandboxSSH
 from ._sftp import RemoteFile
 from ._tunnels import LocalForward, RemoteForward
 from ._version import __version__
+
+# A library does not print: with no logging configured, Python's last-resort handler
+# would write sshbridge's warnings and paramiko's socket errors to stderr.
+_logging.getLogger("sshbridge").addHandler(_logging.NullHandler())
+_logging.getLogger("paramiko").addHandler(_logging.NullHandler())
 
 __all__ = [
     "APIClient",
@@ -67,6 +75,7 @@ __all__ = [
     "CommandResult",
     "CommandTimeout",
     "Config",
+    "ConfigSources",
     "ConfigurationError",
     "Conflict",
     "ConnectionLost",
@@ -98,11 +107,15 @@ __all__ = [
     "SSHSession",
     "Sandbox",
     "SandboxError",
+    "SandboxList",
     "SandboxNotRunning",
     "SandboxNotSupported",
     "SandboxSSH",
     "ServerError",
     "SessionExpired",
+    "SidecarSSHSession",
+    "UnexpectedResponse",
     "__version__",
+    "describe_config",
     "load_config",
 ]

@@ -11,6 +11,7 @@ Retries follow HTTP semantics (tenacity drives them, one rate-budget slot per at
 
 from __future__ import annotations
 
+import json as jsonlib
 import logging
 import re
 import time
@@ -45,6 +46,7 @@ from ._exceptions import (
     RateLimited,
     RequestValidationError,
     ServerError,
+    UnexpectedResponse,
 )
 from ._models import (
     AuthorizeKeyRequest,
@@ -52,7 +54,10 @@ from ._models import (
     ErrorDetail,
     ErrorResponse,
     Sandbox,
+    SandboxList,
+    SidecarSSHSession,
     SSHSession,
+    is_sidecar_answer,
 )
 from ._ratelimit import SlidingWindowBudget, budget_for
 from ._version import __version__
@@ -61,6 +66,7 @@ log = logging.getLogger("sshbridge.api")
 
 T = TypeVar("T")
 
+_PUBLIC_KEY_RE = re.compile(r"(ssh|ecdsa|sk)-[A-Za-z0-9@._+-]+ [A-Za-z0-9+/=]+( [ -~]*)?")
 _SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 MAX_TTL = 3600
 DEFAULT_TTL = 900
@@ -112,20 +118,50 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class _Redactor:
-    """Removes known secrets from any text that may reach a message or a log."""
+    """Removes known secrets from any text or JSON that may reach a message or a log.
+
+    Every spelling counts: raw, repr/JSON-escaped (an HTTP library's message shows a key
+    with a newline as ``\\n``) and URL-quoted.
+    """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = [s for s in secrets if s and len(s) >= 4]
+        self._secrets: list[str] = []
+        for secret in secrets:
+            self.add(secret)
 
     def add(self, secret: str) -> None:
-        if secret and len(secret) >= 4 and secret not in self._secrets:
-            # Keep the key plus the most recent tokens; old ones stop mattering.
-            self._secrets = self._secrets[:1] + self._secrets[1:][-31:] + [secret]
+        if not secret or len(secret) < 4 or secret in self._secrets:
+            return
+        # Keep the key plus the most recent tokens; old ones stop mattering.
+        self._secrets = self._secrets[:1] + self._secrets[1:][-31:] + [secret]
+
+    @staticmethod
+    def _spellings(secret: str) -> set[str]:
+        return {
+            secret,
+            repr(secret)[1:-1],
+            secret.encode("unicode_escape").decode("ascii"),
+            jsonlib.dumps(secret)[1:-1],
+            quote(secret, safe=""),
+        }
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
-            text = text.replace(secret, "***")
+            # Longest first: a shorter spelling may be a part of a longer one.
+            for spelling in sorted(self._spellings(secret), key=len, reverse=True):
+                if spelling:
+                    text = text.replace(spelling, "***")
         return text
+
+    def scrub(self, value: Any) -> Any:
+        """The same JSON value with every string redacted (server echoes included)."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {self(str(k)): self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.scrub(v) for v in value]
+        return value
 
 
 def _error_detail(body: Any) -> tuple[str | None, list[ErrorDetail]]:
@@ -225,6 +261,8 @@ class APIClient:
         self._owns_http = http is None
         self._http.headers["User-Agent"] = f"sshbridge/{__version__}"
         self._redact = _Redactor([self.config.api_key])
+        # Set once a contract-A server refused public_key: later POSTs leave it out.
+        self._omit_public_key = False
         # Exposed for tests and tools; each entry: (monotonic time, method, path, status)
         self.calls: deque[tuple[float, str, str, int | None]] = deque(maxlen=1000)
 
@@ -248,31 +286,108 @@ class APIClient:
         body = self._call("GET", f"/api/v1/sandbox/{_seg(sid)}", idempotent=True)
         return self._parse(Sandbox, body, "sandbox")
 
+    def list_sandboxes(self, *, page: int = 1, per_page: int = 50) -> SandboxList:
+        """One page of ``GET /api/v1/sandbox`` (the team's sandboxes when a team is set)."""
+        for name, value, top in (("page", page, 10**9), ("per_page", per_page, 100)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise InvalidArgument(f"{name} must be an int between 1 and {top}")
+        query = f"page={page}&per_page={per_page}"
+        if self.config.team_id:
+            query += f"&team_id={quote(self.config.team_id, safe='')}"
+        body = self._call("GET", f"/api/v1/sandbox?{query}", idempotent=True)
+        return self._parse(SandboxList, body, "sandbox list")
+
     def create_ssh_session(
         self,
         sandbox_id: str,
         ttl_seconds: int = DEFAULT_TTL,
         *,
+        public_key: str | None = None,
         budget_wait: float | None = None,
     ) -> SSHSession:
         """Create a session; waits for the shared rate budget at most ``budget_wait``
-        seconds (default: the client's ``rate_limit_wait``)."""
+        seconds (default: the client's ``rate_limit_wait``).
+
+        ``public_key`` ("ssh-ed25519 AAAA...") is sent in the body: contract B authorizes
+        it with the session. The answer decides the contract: a :class:`SidecarSSHSession`
+        (token and gateway: authorize the key with :meth:`authorize_key`) or a plain
+        :class:`SSHSession` (already authorized; connect with its preamble). A contract-A
+        server that refuses the unknown ``public_key`` field (a 422 naming it, which
+        creates no session) is asked once more without it, and not sent it again.
+        """
         sid = validate_sandbox_id(sandbox_id)
         ttl = validate_ttl(ttl_seconds)
-        payload = CreateSSHSessionRequest(ttl_seconds=ttl).model_dump()
-        body = self._call(
+        if public_key is not None and (
+            not isinstance(public_key, str) or not _PUBLIC_KEY_RE.fullmatch(public_key)
+        ):
+            raise InvalidArgument("public_key must be an OpenSSH public key line ('ssh-...')")
+        send_key = public_key if not self._omit_public_key else None
+        try:
+            body = self._post_session(sid, ttl, send_key, budget_wait)
+        except RequestValidationError as exc:
+            if send_key is None or not _names_field(exc, "public_key"):
+                raise
+            log.info("the API does not take public_key in the session POST; asking without it")
+            self._omit_public_key = True
+            body = self._post_session(sid, ttl, None, budget_wait)
+        return self._session_from(sid, body)
+
+    def _post_session(
+        self, sid: str, ttl: int, public_key: str | None, budget_wait: float | None
+    ) -> Any:
+        payload = CreateSSHSessionRequest(public_key=public_key, ttl_seconds=ttl).wire()
+        return self._call(
             "POST",
             f"/api/v1/sandbox/{_seg(sid)}/ssh-session",
             json=payload,
             idempotent=False,
             budget=budget_for(self.config.base_url, self.config.api_key, sid),
             budget_wait=budget_wait,
+            what=f"create an SSH session for sandbox {sid}",
         )
-        session = self._parse(SSHSession, body, "SSH session")
-        # The token is a secret from now on: keep it out of every message.
-        self._redact.add(session.token.get_secret_value())
-        log.debug("created SSH session %s for sandbox %s", session.session_id, sid)
+
+    def _session_from(self, sid: str, body: Any) -> SSHSession:
+        """Read a session answer; a malformed one is closed before its error is raised."""
+        model: type[SSHSession] = SidecarSSHSession if is_sidecar_answer(body) else SSHSession
+        token = body.get("token") if isinstance(body, dict) else None
+        if isinstance(token, str):
+            # A secret from the moment it arrives, even in an answer we reject.
+            self._redact.add(token)
+        try:
+            session = model.model_validate(body)
+        except ValidationError as exc:
+            raise self._reject_session(sid, body, exc) from None
+        if session.sandbox_id != sid:
+            log.debug("session answer names sandbox %r for %s", session.sandbox_id, sid)
+        log.debug(
+            "created SSH session %s for sandbox %s (%s contract)",
+            session.session_id,
+            sid,
+            session.contract,
+        )
         return session
+
+    def _reject_session(self, sid: str, body: Any, exc: ValidationError) -> UnexpectedResponse:
+        fields = _invalid_fields(exc)
+        raw_id = body.get("session_id") if isinstance(body, dict) else None
+        if not isinstance(raw_id, str) or not raw_id.strip():
+            return UnexpectedResponse(
+                f"sandbox {sid}: the API answered the session request with no usable "
+                f"session_id (bad or missing fields: {fields}); if it created a session, "
+                "this client cannot close it: it ends at its TTL. Upgrade sshbridge or "
+                "report it"
+            )
+        shown = self._redact(raw_id[:80]).encode("unicode_escape").decode("ascii")
+        try:
+            closed = self.close_ssh_session(sid, raw_id)
+            outcome = "closed it" if closed else "it was already gone"
+        except (APIError, InvalidArgument) as close_exc:
+            outcome = f"could not close it ({close_exc}); it ends at its TTL"
+        return UnexpectedResponse(
+            f"sandbox {sid}: the API answered with an SSH session this client cannot read "
+            f"(bad or missing fields: {fields}); session {shown!r}: {outcome}. Upgrade "
+            "sshbridge or report it"
+        )
 
     def close_ssh_session(self, sandbox_id: str, session_id: str) -> bool:
         """DELETE the session. Returns False if the API no longer knew it (already closed)."""
@@ -291,10 +406,13 @@ class APIClient:
         log.debug("closed SSH session %s of sandbox %s", session_id, sid)
         return True
 
-    def authorize_key(self, session: SSHSession, public_key: str) -> None:
-        """Authorize ``public_key`` ("ssh-ed25519 AAAA...") to log in as the session."""
-        if not isinstance(session, SSHSession):
-            raise InvalidArgument("session must be an SSHSession from create_ssh_session()")
+    def authorize_key(self, session: SidecarSSHSession, public_key: str) -> None:
+        """Contract A: authorize ``public_key`` ("ssh-ed25519 AAAA...") at the gateway."""
+        if not isinstance(session, SidecarSSHSession):
+            raise InvalidArgument(
+                "session must be a SidecarSSHSession (contract A) from create_ssh_session(); "
+                "a contract-B session's key is authorized by the POST itself"
+            )
         if not isinstance(public_key, str) or not public_key.startswith("ssh-"):
             raise InvalidArgument("public_key must be an OpenSSH public key line ('ssh-...')")
         base = session.gateway_url.rstrip("/")
@@ -322,10 +440,8 @@ class APIClient:
         try:
             return model.model_validate(body)  # type: ignore[attr-defined,no-any-return]
         except ValidationError as exc:
-            fields = ", ".join(
-                ".".join(str(p) for p in err["loc"]) or "<body>" for err in exc.errors()
-            )
-            raise APIError(
+            fields = _invalid_fields(exc)
+            raise UnexpectedResponse(
                 f"the API answered with a {what} this client cannot read (bad or missing "
                 f"fields: {fields}); upgrade sshbridge or report it"
             ) from None
@@ -450,6 +566,18 @@ class APIClient:
         raise error
 
 
+def _invalid_fields(exc: ValidationError) -> str:
+    names = {".".join(str(p) for p in err["loc"]) or "<body>" for err in exc.errors()}
+    return ", ".join(sorted(names))
+
+
+def _names_field(exc: RequestValidationError, name: str) -> bool:
+    """True when a 422 is about ``name`` (the spec's ``errors`` or FastAPI's ``detail``)."""
+    if any(e.param.split(".")[-1] == name for e in exc.errors):
+        return True
+    return name in (exc.detail or "")
+
+
 def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
     """True when the failure happened while opening the TCP connection (nothing was sent)."""
     from urllib3.exceptions import NameResolutionError, NewConnectionError
@@ -471,14 +599,15 @@ def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
 
 
 def _short_reason(exc: BaseException, redact: Callable[[str], str]) -> str:
-    text = str(exc)
+    # Redact first, then shorten: a cut can split a secret so no spelling matches.
+    text = redact(str(exc))
     m = re.search(
         r"(Connection refused|Name or service not known|"
         r"Temporary failure in name resolution|Connection reset by peer|"
         r"Remote end closed connection without response|timed out)",
         text,
     )
-    return redact(m.group(1) if m else text[:200])
+    return m.group(1) if m else text[:200]
 
 
 def _status_error(
@@ -493,6 +622,9 @@ def _status_error(
         body: Any = response.json()
     except ValueError:
         body = response.text
+    # A server may echo what it was sent (the key in a header, a token): never keep it.
+    scrub = getattr(redact, "scrub", None)
+    body = scrub(body) if scrub is not None else redact(body) if isinstance(body, str) else body
     detail, errors = _error_detail(body)
     detail = redact(detail) if detail else None
     retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -1,4 +1,5 @@
-"""The session broker: sandbox check, session, key authorization, connect, and close."""
+"""The session broker: session (either contract), key, connect, close; and, on failure,
+asking the API what became of the sandbox."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ import threading
 import time
 
 from ._api import APIClient
-from ._exceptions import APIError, SandboxNotRunning, SandboxNotSupported, SSHBridgeError
+from ._exceptions import (
+    APIError,
+    APIStatusError,
+    SandboxNotRunning,
+    SandboxNotSupported,
+    SSHBridgeError,
+    SSHConnectError,
+)
 from ._hostkeys import HostKeyPolicy
 from ._link import Link, session_life
-from ._models import Sandbox
+from ._models import Sandbox, SidecarSSHSession
 from ._transport import generate_key
 
 log = logging.getLogger("sshbridge.broker")
@@ -45,14 +53,12 @@ class SessionBroker:
         self.sessions_created = 0
 
     def check_sandbox(self) -> Sandbox:
+        """Ask the API about the sandbox; raise :class:`SandboxNotRunning` unless RUNNING.
+
+        Only called to explain a failure (a refused POST, a dropped connection): the
+        hot path never pays this round trip.
+        """
         sandbox = self.api.get_sandbox(self.sandbox_id)
-        if sandbox.vm:
-            raise SandboxNotSupported(
-                f"sandbox {self.sandbox_id} is a VM sandbox; the SSH sidecar serves container "
-                "sandboxes only",
-                sandbox_id=self.sandbox_id,
-                status=sandbox.status,
-            )
         if sandbox.status != "RUNNING":
             raise SandboxNotRunning(
                 f"sandbox {self.sandbox_id} is {sandbox.status}, not RUNNING; start it (or wait "
@@ -62,18 +68,51 @@ class SessionBroker:
             )
         return sandbox
 
-    def open_link(self, *, check: bool = True, budget_wait: float | None = None) -> Link:
-        """Create a session, authorize a fresh key and connect. Nothing leaks on failure."""
+    def explain(self, error: SSHBridgeError) -> SSHBridgeError:
+        """The most useful error for a failed session: a stopped sandbox says so."""
+        try:
+            sandbox = self.check_sandbox()
+        except SandboxNotRunning as stopped:
+            return stopped
+        except SSHBridgeError:
+            return error  # the API cannot tell more (unknown sandbox, API down)
+        if isinstance(error, APIStatusError) and error.status_code == 400 and _unsupported(error):
+            unsupported = SandboxNotSupported(
+                f"sandbox {self.sandbox_id}: the API does not offer SSH for it "
+                f"({error.detail or error}); check the sandbox type with `prime sandbox get`",
+                sandbox_id=self.sandbox_id,
+                status=sandbox.status,
+            )
+            return unsupported
+        return error
+
+    def open_link(self, *, check: bool = False, budget_wait: float | None = None) -> Link:
+        """Create a session for a fresh key and connect. Nothing leaks on failure.
+
+        Both contracts: the key goes in the POST; a contract-A answer (token, gateway)
+        is then authorized at the gateway, a contract-B answer already is, and its
+        connections start with the session preamble (the link handles that).
+        """
         if check:
             self.check_sandbox()
+        key = generate_key()
         wall, mono = time.time(), time.monotonic()
-        session = self.api.create_ssh_session(
-            self.sandbox_id, self.ttl_seconds, budget_wait=budget_wait
-        )
+        try:
+            session = self.api.create_ssh_session(
+                self.sandbox_id,
+                self.ttl_seconds,
+                public_key=key.public_line,
+                budget_wait=budget_wait,
+            )
+        except APIStatusError as exc:
+            explained = self.explain(exc) if exc.status_code in (400, 404, 409) else exc
+            if explained is exc:
+                raise
+            raise explained from exc
         self.sessions_created += 1
         link = Link(
             session,
-            generate_key(),
+            key,
             sandbox_id=self.sandbox_id,
             policy=self.policy,
             expires_monotonic=session_life(session, wall, mono),
@@ -84,15 +123,23 @@ class SessionBroker:
         with self._lock:
             self._open[id(link)] = link
         try:
-            self.api.authorize_key(session, link.key.public_line)
+            if isinstance(session, SidecarSSHSession):
+                self.api.authorize_key(session, key.public_line)
             link.connect()
+        except SSHConnectError as exc:
+            self.close_link(link)
+            explained = self.explain(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
         except BaseException:
             self.close_link(link)
             raise
         log.info(
-            "sandbox %s: SSH session %s ready (expires %s)",
+            "sandbox %s: SSH session %s ready (%s contract, expires %s)",
             self.sandbox_id,
             session.session_id,
+            session.contract,
             session.expires_at.isoformat(),
         )
         return link
@@ -125,3 +172,8 @@ class SessionBroker:
     def open_sessions(self) -> list[str]:
         with self._lock:
             return [link.session.session_id for link in self._open.values()]
+
+
+def _unsupported(error: APIStatusError) -> bool:
+    text = (error.detail or "").lower()
+    return "not supported" in text or "unsupported" in text

@@ -17,10 +17,11 @@ can catch at whatever level they care about::
     │   │   └── ServerError                    5xx
     │   ├── APIConnectionError                 network failure before an answer
     │   │   └── APITimeout                     no answer in time
+    │   ├── UnexpectedResponse                 a 2xx answer this client cannot read
     │   └── RateBudgetExhausted                client-side budget would wait too long
     ├── SandboxError
     │   ├── SandboxNotRunning                  status is not RUNNING (.status)
-    │   └── SandboxNotSupported                a VM sandbox: the SSH sidecar does not serve it
+    │   └── SandboxNotSupported                the API says this sandbox cannot serve SSH
     ├── SSHError
     │   ├── SSHConnectError                    the sidecar was not reachable/accepting in time
     │   ├── HostKeyMismatch                    the sidecar presented a different host key
@@ -74,6 +75,7 @@ __all__ = [
     "SandboxNotSupported",
     "ServerError",
     "SessionExpired",
+    "UnexpectedResponse",
 ]
 
 
@@ -91,6 +93,13 @@ class ConfigurationError(SSHBridgeError):
 
 class APIError(SSHBridgeError):
     """The platform API refused a request or could not be reached."""
+
+
+class UnexpectedResponse(APIError):
+    """A 2xx answer that is not what the endpoint returns (missing or malformed fields).
+
+    For a session answer, a session it names is DELETEd before this is raised.
+    """
 
 
 class APIStatusError(APIError):
@@ -184,7 +193,7 @@ class SandboxNotRunning(SandboxError):
 
 
 class SandboxNotSupported(SandboxError):
-    """The sandbox is VM-backed; the SSH sidecar serves container sandboxes only."""
+    """The API refused an SSH session for this sandbox as unsupported (its own answer)."""
 
 
 class SSHError(SSHBridgeError):

@@ -136,6 +136,7 @@ class Link:
             deadline=deadline,
             keepalive=self.keepalive,
             cancelled=lambda: self._closed,
+            preamble=self.session.preamble,
         )
         with self._lock:
             if self._closed:

@@ -1,4 +1,5 @@
-"""paramiko transports to the sidecar: ephemeral keys, socket options, connect with retry."""
+"""paramiko transports to a session: ephemeral keys, socket options, the contract-B
+preamble, connect with retry."""
 
 from __future__ import annotations
 
@@ -54,12 +55,13 @@ class EphemeralKey:
         return f"EphemeralKey({self.pkey.get_name()} {self.pkey.fingerprint})"
 
 
-def generate_key(comment: str = "sshbridge") -> EphemeralKey:
+def generate_key() -> EphemeralKey:
     pem = Ed25519PrivateKey.generate().private_bytes(
         Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
     )
     pkey = paramiko.Ed25519Key(file_obj=io.StringIO(pem.decode("ascii")))
-    return EphemeralKey(pkey=pkey, public_line=f"{pkey.get_name()} {pkey.get_base64()} {comment}")
+    # No comment: exactly the "ssh-ed25519 AAAA..." the provider's own client sends.
+    return EphemeralKey(pkey=pkey, public_line=f"{pkey.get_name()} {pkey.get_base64()}")
 
 
 class _Retry(Exception):
@@ -84,6 +86,7 @@ def _open_once(
     policy: HostKeyPolicy,
     timeout: float,
     keepalive: float,
+    preamble: bytes | None = None,
 ) -> paramiko.Transport:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -92,6 +95,14 @@ def _open_once(
     # Without NODELAY every exec pays the 40 ms delayed-ACK (measured: 48 ms vs 5 ms).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if preamble:
+        # Contract B: the session line goes first, before the server's banner is read;
+        # sent in the same flight as our own SSH banner, it costs no round trip.
+        try:
+            sock.sendall(preamble)
+        except OSError as exc:
+            sock.close()
+            raise _Retry(f"sending the session preamble to {host}:{port} failed: {exc}") from None
     transport = paramiko.Transport(
         sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
     )
@@ -105,10 +116,15 @@ def _open_once(
     try:
         try:
             transport.start_client(timeout=timeout)
+            # start_client returns silently when its timeout passes mid-handshake.
+            if not transport.is_active() or not transport.initial_kex_done:
+                raise _Retry(
+                    f"SSH handshake with {host}:{port} did not finish within {timeout:.1f} s"
+                )
+            server_key = transport.get_remote_server_key()
         except (paramiko.SSHException, EOFError, OSError) as exc:
             why = str(exc) or type(exc).__name__
             raise _Retry(f"SSH handshake with {host}:{port} failed: {why}") from None
-        server_key = transport.get_remote_server_key()
         policy.verify(sandbox_id, host, port, server_key)
         try:
             transport.auth_publickey(username, key.pkey)
@@ -138,6 +154,7 @@ def connect(
     deadline: float,
     keepalive: float = 15.0,
     cancelled: Callable[[], bool] | None = None,
+    preamble: bytes | None = None,
 ) -> paramiko.Transport:
     """Connect and authenticate, retrying with backoff until ``deadline`` (monotonic).
 
@@ -167,6 +184,7 @@ def connect(
                 policy=policy,
                 timeout=max(0.2, timeout),
                 keepalive=keepalive,
+                preamble=preamble,
             )
         except _Retry as exc:
             last[:] = [str(exc)]

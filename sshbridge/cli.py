@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import logging
 import os
 import posixpath
@@ -31,7 +30,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from ._api import APIClient, validate_sandbox_id
-from ._config import config_file_path, load_config
+from ._config import config_file_path, describe_config, load_config
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -716,12 +715,34 @@ def emulator_cmd(
             show_default=False,
         ),
     ] = None,
+    contract: Annotated[
+        str,
+        typer.Option(
+            "--contract",
+            metavar="vm|sidecar",
+            help="Session contract to serve: `vm` (the provider's service today: key in the "
+            "request, session preamble) or `sidecar` (token and gateway, as specified).",
+        ),
+    ] = "vm",
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--env-file",
+            help="Also write the printed lines to this file (mode 0600, atomically), for a "
+            "script to source once it exists; removed when the emulator exits.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> int:
     """Run a local emulator of the sandbox service in the foreground until Ctrl-C.
 
     Prints `export` lines to point sshbridge (or the library) at it, and the ids of
     ready sandboxes. Everything listens on 127.0.0.1 only.
     """
+    if contract not in ("vm", "sidecar"):
+        raise typer.BadParameter(
+            f"{contract!r} is not one of 'vm', 'sidecar'", param_hint="'--contract'"
+        )
     try:
         from .emulator import Emulator
     except ImportError as exc:
@@ -729,22 +750,55 @@ def emulator_cmd(
             f"the emulator needs the 'emulator' extra ({exc.name or exc}): "
             "pip install 'sshbridge[emulator]'"
         ) from None
-    g = _globals(ctx)
-    with _interrupts_as_keyboard(), Emulator(api_key=g.api_key, root_dir=root) as emu:
-        ids = [emu.create_sandbox() for _ in range(sandboxes)]
-        lines = [f"export {k}={shlex.quote(v)}" for k, v in emu.env().items()]
-        lines += [f"# sandbox {sid} (files in {emu.sandbox_dir(sid)})" for sid in ids]
-        print("\n".join(lines), flush=True)
-        example = ids[0] if ids else "SANDBOX"
-        _err(
-            f"emulator ready; in another shell run the export lines, then "
-            f"`sshbridge ssh {example}`. Ctrl-C stops it."
-        )
+
+    def write_private_atomically(path: Path, text: str) -> os.stat_result:
+        # A script polling for the file must never source a partial one.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            _err("stopping the emulator")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fh.fileno(), 0o600)
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return path.stat()
+
+    g = _globals(ctx)
+    written: os.stat_result | None = None
+    with (
+        _interrupts_as_keyboard(),
+        Emulator(api_key=g.api_key, root_dir=root, contract=contract) as emu,
+    ):
+        try:
+            ids = [emu.create_sandbox() for _ in range(sandboxes)]
+            lines = [f"export {k}={shlex.quote(v)}" for k, v in emu.env().items()]
+            lines += [f"# sandbox {sid} (files in {emu.sandbox_dir(sid)})" for sid in ids]
+            text = "\n".join(lines) + "\n"
+            if env_file is not None:
+                written = write_private_atomically(env_file, text)
+            print(text, end="", flush=True)
+            example = ids[0] if ids else "SANDBOX"
+            _err(
+                f"emulator ready ({contract} contract); in another shell run the export "
+                f"lines, then `sshbridge ssh {example}`. Ctrl-C stops it."
+            )
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                _err("stopping the emulator")
+        finally:
+            if env_file is not None and written is not None:
+                with contextlib.suppress(OSError):
+                    now = env_file.stat()
+                    # Only our own file: someone may have put another one there since.
+                    if (now.st_dev, now.st_ino) == (written.st_dev, written.st_ino):
+                        env_file.unlink()
     return 0
 
 
@@ -773,41 +827,17 @@ class _Report:
         self.console.print(f"        [yellow]fix:[/yellow] {fix}")
 
 
+def _source_label(source: str) -> str:
+    if source == "argument":
+        return "the command line"
+    if source == "default":
+        return "the default"
+    return f"the {source}" if source.endswith("variable") else source
+
+
 def _key_hint(key: str) -> str:
     # The last 4 characters identify a key among several without revealing it.
     return f"...{key[-4:]}" if len(key) >= 16 else "(short key, not shown)"
-
-
-def _key_source(g: Globals) -> tuple[str | None, str]:
-    path = config_file_path()
-    if g.api_key and g.api_key.strip():
-        return g.api_key.strip(), "the --api-key option"
-    env_key = (os.environ.get("PRIME_API_KEY") or "").strip()
-    if env_key:
-        return env_key, "the PRIME_API_KEY environment variable"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, ""
-    value = data.get("api_key") if isinstance(data, dict) else None
-    if isinstance(value, str) and value.strip():
-        return value.strip(), str(path)
-    return None, ""
-
-
-def _url_source(g: Globals) -> str:
-    if g.base_url:
-        return "the --base-url option"
-    for name in ("PRIME_API_BASE_URL", "PRIME_BASE_URL"):
-        if (os.environ.get(name) or "").strip():
-            return f"the {name} environment variable"
-    try:
-        data = json.loads(config_file_path().read_text(encoding="utf-8"))
-        if isinstance(data, dict) and data.get("base_url"):
-            return str(config_file_path())
-    except (OSError, ValueError):
-        pass
-    return "the default"
 
 
 @app.command("doctor")
@@ -827,23 +857,30 @@ def doctor_cmd(
         validate_sandbox_id(sandbox)
     r = _Report()
     r.section("Configuration")
-    key, source = _key_source(g)
-    if key is None:
+    try:
+        # Where each setting comes from is the config module's answer, not re-derived here.
+        sources = describe_config(api_key=g.api_key, base_url=g.base_url)
+    except (ConfigurationError, InvalidArgument) as exc:
+        r.fail(_one_line(str(exc)), "correct the value named above")
+        return 1
+    if sources.api_key is None:
         r.fail(
             "no API key found",
             'export PRIME_API_KEY=... (or put "api_key" in '
             f"{config_file_path()}, or pass --api-key)",
         )
         return 1
-    r.ok(f"API key from {source} {_key_hint(key)}")
     try:
         config = load_config(api_key=g.api_key, base_url=g.base_url)
     except (ConfigurationError, InvalidArgument) as exc:
         r.fail(_one_line(str(exc)), "correct the value named above")
         return 1
-    r.ok(f"base URL {config.base_url} (from {_url_source(g)})")
+    r.ok(f"API key from {_source_label(sources.api_key)} {_key_hint(config.api_key)}")
+    r.ok(f"base URL {config.base_url} (from {_source_label(sources.base_url)})")
+    if sources.context:
+        r.info(f"context {sources.context} (PRIME_CONTEXT)")
     if config.team_id:
-        r.info(f"team {config.team_id}")
+        r.info(f"team {config.team_id} (from {_source_label(sources.team_id)})")
 
     r.section("API")
     api = APIClient(config, timeout=(5.0, 15.0), max_retries=1, retry_deadline=20.0)
@@ -892,12 +929,6 @@ def doctor_cmd(
         api.close()
 
     r.section(f"Sandbox {sandbox}")
-    if found.vm:
-        r.fail(
-            "VM-backed sandbox: the SSH sidecar serves container sandboxes only",
-            "use a container sandbox",
-        )
-        return 1
     if found.status != "RUNNING":
         r.fail(
             f"status {found.status}, not RUNNING",
@@ -912,7 +943,13 @@ def doctor_cmd(
         with SandboxSSH(
             sandbox, api_key=g.api_key, base_url=g.base_url, ttl_seconds=min(g.ttl, 300)
         ) as shell:
-            r.ok(f"session created, key authorized, connected ({_ms(start)})")
+            session = shell.session
+            how = (
+                "contract A: token, key authorized at the gateway"
+                if session is not None and session.contract == "sidecar"
+                else "contract B: key in the request, session preamble"
+            )
+            r.ok(f"session created ({how}), connected ({_ms(start)})")
             t = time.monotonic()
             result = shell.run("true", timeout=30)
             if result.exit_code == 0:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import CONTRACTS
 
 from sshbridge.emulator import Emulator
 
@@ -45,9 +46,9 @@ while True:
 """
 
 
-@pytest.fixture(scope="module")
-def emu() -> Iterator[Emulator]:
-    with Emulator() as emulator:
+@pytest.fixture(scope="module", params=CONTRACTS)
+def emu(request: pytest.FixtureRequest) -> Iterator[Emulator]:
+    with Emulator(contract=request.param) as emulator:
         # Many short CLI runs per sandbox: the real 20/min budget is not under test here.
         emulator.rate_limit = (100_000, 60.0)
         yield emulator

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
@@ -43,3 +44,89 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+# -- the vm contract on the wire: raw sockets and paramiko, no sshbridge code --------------
+
+PREAMBLE = "PRIME-SSH-SESSION {}\n"
+
+
+def ed25519_pair() -> tuple[paramiko.Ed25519Key, str]:
+    """A fresh in-memory Ed25519 key for paramiko and its OpenSSH public line."""
+    import io
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+    return paramiko.Ed25519Key(file_obj=io.StringIO(pem)), public
+
+
+def preamble_socket(host: str, port: int, line: str | bytes, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection that has sent ``line`` (a preamble, or anything else) first."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.sendall(line.encode() if isinstance(line, str) else line)
+    return sock
+
+
+def closed_without_banner(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True if the server closed (EOF or reset) without sending a single byte."""
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return got == b""
+
+
+def ssh_banner(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """The server's SSH identification line (the socket stays open)."""
+    sock.settimeout(timeout)
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 256:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+def paramiko_exec(
+    host: str,
+    port: int,
+    session_id: str,
+    pkey: paramiko.PKey,
+    command: str,
+    *,
+    username: str | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, bytes, bytes]:
+    """Preamble, then raw paramiko: run one command; (exit status, stdout, stderr)."""
+    sock = preamble_socket(host, port, PREAMBLE.format(session_id), timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        transport.auth_publickey(username or session_id, pkey)
+        chan = transport.open_session(timeout=timeout)
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        out = chan.makefile("rb").read()
+        err = chan.makefile_stderr("rb").read()
+        return chan.recv_exit_status(), out, err
+    finally:
+        transport.close()
+        sock.close()

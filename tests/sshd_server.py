@@ -39,15 +39,18 @@ import contextlib
 import os
 import pathlib
 import pwd
+import selectors
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["SSHDServer", "SSHDStartError", "find_sshd", "start_sshd"]
+__all__ = ["PreambleFront", "SSHDServer", "SSHDStartError", "find_sshd", "start_sshd"]
 
 _SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd", "/usr/bin/sshd")
 _START_TIMEOUT = 10.0
@@ -220,6 +223,203 @@ def start_sshd(
         f"sshd did not start listening on 127.0.0.1 within {_START_TIMEOUT:.0f}s;"
         f" log tail:\n{last_error}"
     )
+
+
+# --------------------------------------------------------------------------- preamble front
+
+
+class PreambleFront:
+    """A loopback TCP front that speaks the provider's VM gateway preamble to a plain sshd.
+
+    Each connection must start with ``PRIME-SSH-SESSION <id>\\n`` (at most 256 bytes, within
+    ``timeout`` seconds) with ``accept(id)`` true; it is then piped both ways to ``target``
+    until both directions end. Anything else is closed before a byte reaches sshd.
+    """
+
+    MAX_LINE = 256
+    PREFIX = b"PRIME-SSH-SESSION "
+
+    def __init__(
+        self,
+        target: tuple[str, int],
+        accept: Callable[[str], bool],
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.accept = accept
+        self.timeout = timeout
+        self.accepted = 0
+        self.rejected = 0
+        self.host = "127.0.0.1"
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._socks: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((self.host, 0))
+        self._listener.listen(64)
+        self.port: int = self._listener.getsockname()[1]
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name="preamble-front", daemon=True
+        )
+        self._acceptor.start()
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        """Stop listening, drop every connection and join every thread. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        with self._lock:
+            socks = list(self._socks)
+        for sock in socks:  # ends blocked recv() calls in the connection threads
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(5)
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(5)
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> PreambleFront:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals
+
+    def _track(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._socks.add(sock)
+            return True
+
+    def _drop(self, *socks: socket.socket) -> None:
+        for sock in socks:
+            with self._lock:
+                self._socks.discard(sock)
+            sock.close()
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._closed.is_set():
+                events = sel.select()
+                if any(key.fileobj is self._wake_r for key, _ in events):
+                    return
+                try:
+                    conn, _addr = self._listener.accept()
+                except OSError:
+                    continue
+                if not self._track(conn):
+                    conn.close()
+                    return
+                thread = threading.Thread(
+                    target=self._serve, args=(conn,), name="preamble-front-conn", daemon=True
+                )
+                with self._lock:
+                    self._threads.add(thread)
+                thread.start()
+
+    def _read_line(self, conn: socket.socket) -> bytes | None:
+        deadline = time.monotonic() + self.timeout
+        buf = b""
+        while len(buf) < self.MAX_LINE:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            conn.settimeout(left)
+            try:
+                # Peek, then consume only up to the newline: what follows is SSH.
+                peeked = conn.recv(self.MAX_LINE - len(buf), socket.MSG_PEEK)
+            except OSError:  # timeouts included
+                return None
+            if not peeked:
+                return None
+            newline = peeked.find(b"\n")
+            buf += conn.recv(newline + 1 if newline >= 0 else len(peeked))
+            if newline >= 0:
+                return buf
+        return None
+
+    def _session_id(self, line: bytes | None) -> str | None:
+        if line is None or not line.startswith(self.PREFIX) or not line.endswith(b"\n"):
+            return None
+        try:
+            session_id = line[len(self.PREFIX) : -1].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if not session_id or any(c.isspace() for c in session_id):
+            return None
+        try:
+            return session_id if self.accept(session_id) else None
+        except Exception:  # noqa: BLE001 -- a failing predicate rejects
+            return None
+
+    def _serve(self, conn: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            session_id = self._session_id(self._read_line(conn))
+            if session_id is None or self._closed.is_set():
+                with self._lock:
+                    self.rejected += 1
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                with self._lock:
+                    self.rejected += 1
+                return
+            if not self._track(upstream):
+                return
+            with self._lock:
+                self.accepted += 1
+            self._pipe(conn, upstream)
+        finally:
+            self._drop(conn, *([upstream] if upstream is not None else []))
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        # One blocking thread per direction: neither can stall the other.
+        for sock in (a, b):
+            sock.settimeout(None)
+        back = threading.Thread(
+            target=self._copy, args=(b, a), name="preamble-front-pipe", daemon=True
+        )
+        with self._lock:
+            self._threads.add(back)
+        back.start()
+        self._copy(a, b)
+        back.join()
+        with self._lock:
+            self._threads.discard(back)
+
+    def _copy(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            for sock in (src, dst):  # a broken side ends both directions
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        else:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)  # pass the half-close on
 
 
 # --------------------------------------------------------------------------- helpers

@@ -11,6 +11,7 @@ import socket
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from conftest import SECRET_KEY
@@ -29,6 +30,9 @@ from sshbridge import (
     RateLimited,
     RequestValidationError,
     ServerError,
+    SidecarSSHSession,
+    SSHSession,
+    UnexpectedResponse,
 )
 from sshbridge._api import parse_retry_after
 from sshbridge._ratelimit import SlidingWindowBudget
@@ -324,3 +328,149 @@ def test_budget_shared_per_sandbox_and_key(stub: StubServer) -> None:
     assert len(stub.seen) == 20  # the 21st never reached the server
     # Another sandbox has its own budget.
     a.create_ssh_session("sbx_budget_other")
+
+
+# -- contracts: the key in the POST, the answer decides --------------------------------------
+
+PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKj8"
+
+
+def vm_body(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "session_id": "sess_vm",
+        "sandbox_id": "sbx_1",
+        "host": "127.0.0.1",
+        "port": 2222,
+        "expires_at": "2030-01-01T00:00:00Z",
+        "ttl_seconds": 900,
+    }
+    body.update(over)
+    return body
+
+
+def test_public_key_goes_in_the_post_and_six_fields_mean_contract_b(stub: StubServer) -> None:
+    stub.queue(Answer(200, vm_body(newField={"x": 1})))
+    session = client(stub).create_ssh_session("sbx_1", 60, public_key=PUBLIC)
+    assert stub.seen[0].body == {"public_key": PUBLIC, "ttl_seconds": 60}
+    assert type(session) is SSHSession and session.contract == "vm"
+    assert session.preamble == b"PRIME-SSH-SESSION sess_vm\n"
+    assert "newField" not in repr(session)
+
+
+def test_token_and_gateway_mean_contract_a(stub: StubServer) -> None:
+    stub.queue(Answer(200, session_body()))
+    session = client(stub).create_ssh_session("sbx_1", public_key=PUBLIC)
+    assert isinstance(session, SidecarSSHSession) and session.preamble is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"errors": [{"param": "public_key", "details": "Extra inputs are not permitted"}]},
+        {
+            "detail": [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ["body", "public_key"],
+                    "msg": "Extra inputs are not permitted",
+                }
+            ]
+        },
+    ],
+    ids=["spec-errors", "fastapi-detail"],
+)
+def test_422_naming_public_key_is_asked_once_more_without_it(
+    stub: StubServer, body: dict[str, Any]
+) -> None:
+    stub.queue(Answer(422, body), Answer(200, session_body()), Answer(200, session_body()))
+    api = client(stub)
+    session = api.create_ssh_session("sbx_1", 60, public_key=PUBLIC)
+    assert isinstance(session, SidecarSSHSession)
+    assert [s.body for s in stub.seen] == [
+        {"public_key": PUBLIC, "ttl_seconds": 60},
+        {"ttl_seconds": 60},
+    ]
+    api.create_ssh_session("sbx_1", 60, public_key=PUBLIC)  # remembered: no second 422
+    assert stub.seen[2].body == {"ttl_seconds": 60}
+
+
+def test_422_about_another_field_is_reported(stub: StubServer) -> None:
+    stub.queue(Answer(422, {"errors": [{"param": "ttl_seconds", "details": "too big"}]}))
+    with pytest.raises(RequestValidationError, match="ttl_seconds: too big"):
+        client(stub).create_ssh_session("sbx_1", 60, public_key=PUBLIC)
+    assert len(stub.seen) == 1
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"host": None},
+        {"port": 70000},
+        {"expires_at": "soon"},
+        {"session_id": "sess bad"},
+        {"session_id": "sess\nPRIME-SSH-SESSION other"},
+        {"token": "t0ken-without-gateway-fields"},
+    ],
+    ids=["no-host", "port", "time", "space", "newline", "half-contract-a"],
+)
+def test_unreadable_answer_is_deleted_first(stub: StubServer, over: dict[str, Any]) -> None:
+    stub.queue(Answer(200, vm_body(**over)), Answer(200, {"ok": True}))
+    with pytest.raises(UnexpectedResponse, match="cannot read") as info:
+        client(stub).create_ssh_session("sbx_1", public_key=PUBLIC)
+    assert len(stub.seen) == 2
+    delete = stub.seen[1]
+    sid = over.get("session_id", "sess_vm")
+    assert delete.method == "DELETE"
+    assert delete.path == f"/api/v1/sandbox/sbx_1/ssh-session/{quote(sid, safe='')}"
+    assert "closed it" in str(info.value)
+    assert "t0ken-without" not in str(info.value)
+
+
+@pytest.mark.parametrize("sid", ["", "   ", 7, None, {"id": "x"}])
+def test_answer_without_usable_session_id_is_refused(stub: StubServer, sid: object) -> None:
+    stub.queue(Answer(200, vm_body(session_id=sid)))
+    with pytest.raises(UnexpectedResponse, match="no usable session_id"):
+        client(stub).create_ssh_session("sbx_1", public_key=PUBLIC)
+    assert len(stub.seen) == 1  # nothing to DELETE by
+
+
+def test_a_non_json_or_empty_success_is_a_clear_error(stub: StubServer) -> None:
+    stub.queue(Answer(200, "<html>oops</html>"), Answer(200, None))
+    with pytest.raises(APIError, match="not JSON"):
+        client(stub).create_ssh_session("sbx_1", public_key=PUBLIC)
+    with pytest.raises(UnexpectedResponse, match="no usable session_id"):
+        client(stub).create_ssh_session("sbx_1", public_key=PUBLIC)
+
+
+def test_bad_public_key_argument_makes_no_request(stub: StubServer) -> None:
+    for bad in ("", "not a key", "ssh-ed25519 AAAA\nx", 5):
+        with pytest.raises(InvalidArgument, match="public_key"):
+            client(stub).create_ssh_session("sbx_1", public_key=bad)  # type: ignore[arg-type]
+    assert stub.seen == []
+
+
+def test_echoed_secrets_are_redacted_in_every_spelling(stub: StubServer) -> None:
+    escaped = SECRET_KEY.encode("unicode_escape").decode()
+    stub.queue(
+        Answer(400, {"detail": f"bad {SECRET_KEY}", "echo": {"auth": f"Bearer {SECRET_KEY}"}}),
+        Answer(422, {"errors": [{"param": "key", "details": f"{escaped} / {quote(SECRET_KEY)}"}]}),
+    )
+    api = client(stub, max_retries=0)
+    with pytest.raises(APIError) as first:
+        api.get_sandbox("sbx_1")
+    with pytest.raises(RequestValidationError) as second:
+        api.create_ssh_session("sbx_1")
+    for exc in (first.value, second.value):
+        text = f"{exc} {exc!r} {getattr(exc, 'body', '')} {getattr(exc, 'errors', '')}"
+        assert SECRET_KEY not in text and quote(SECRET_KEY) not in text
+
+
+def test_list_sandboxes_reads_a_page(stub: StubServer) -> None:
+    sandbox = {"id": "sbx_1", "status": "RUNNING", "startCommand": None, "labels": None}
+    page = {"sandboxes": [sandbox], "total": 3, "page": 2, "perPage": 1, "hasNext": True}
+    stub.queue(Answer(200, page))
+    listed = client(stub).list_sandboxes(page=2, per_page=1)
+    assert stub.seen[0].path == "/api/v1/sandbox?page=2&per_page=1"
+    assert listed.total == 3 and listed.has_next and listed.sandboxes[0].id == "sbx_1"
+    with pytest.raises(InvalidArgument):
+        client(stub).list_sandboxes(per_page=0)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SECRET_KEY
 from emu_helpers import alive, opts, settle_threads
 
 from sshbridge import CommandTimeout, SandboxNotRunning
@@ -23,12 +21,10 @@ from sshbridge.emulator import Emulator
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with Emulator(api_key=SECRET_KEY) as emulator:
-        emulator.cut_at_expiry = True
-        yield emulator
-        assert emulator.open_sessions() == []
+@pytest.fixture(autouse=True)
+def _cut_at_expiry(emu: Emulator) -> None:
+    # Nothing may lean on a connection outliving its session.
+    emu.cut_at_expiry = True
 
 
 async def appear(*paths: Path, timeout: float = 10.0) -> list[int]:

@@ -420,6 +420,7 @@ def test_doctor(emu: Emulator, sandbox: str, cli_env: dict[str, str]) -> None:
     assert "PRIME_API_KEY" in out and emu.api_key[-4:] in out
     assert emu.api_key not in out and emu.api_key not in r.stderr.decode()
     assert 'run("true")' in out and "FAIL" not in out
+    assert ("contract B" in out) == (emu.contract == "vm"), out
     r = run_cli("doctor", env=cli_env)
     assert r.returncode == 0 and "reachable" in r.stdout.decode()
     emu.set_status(stopped := emu.create_sandbox(), "PAUSED")

@@ -12,12 +12,10 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET_KEY
 from emu_helpers import alive, opts, settle_threads
 
 from sshbridge import CommandResult, SandboxNotRunning, SandboxSSH
@@ -25,12 +23,10 @@ from sshbridge._fleet import CANCEL_VAR, Fleet, FleetError, FleetResults, kill_s
 from sshbridge.emulator import Emulator
 
 
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with Emulator(api_key=SECRET_KEY) as emulator:
-        emulator.cut_at_expiry = True
-        yield emulator
-        assert emulator.open_sessions() == []
+@pytest.fixture(autouse=True)
+def _cut_at_expiry(emu: Emulator) -> None:
+    # Nothing may lean on a connection outliving its session.
+    emu.cut_at_expiry = True
 
 
 def wait_for(predicate: Any, timeout: float = 10.0) -> None:

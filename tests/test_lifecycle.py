@@ -13,11 +13,9 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SECRET_KEY
 from emu_helpers import library_threads, settle_threads
 
 from sshbridge import (
@@ -33,12 +31,10 @@ from sshbridge.emulator import Emulator
 pytestmark = pytest.mark.timeout(150)
 
 
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with Emulator(api_key=SECRET_KEY) as emulator:
-        emulator.cut_at_expiry = True
-        yield emulator
-        assert emulator.open_sessions() == []
+@pytest.fixture(autouse=True)
+def _cut_at_expiry(emu: Emulator) -> None:
+    # Nothing may lean on a connection outliving its session.
+    emu.cut_at_expiry = True
 
 
 def connect(emu: Emulator, sandbox_id: str, **kw: object) -> SandboxSSH:

@@ -6,6 +6,7 @@ The emulator answers sessions with the sshd's host/port and its login user as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SECRET_KEY
-from sshd_server import SSHDServer, find_sshd, start_sshd
+from sshd_server import PreambleFront, SSHDServer, find_sshd, start_sshd
 
 from sshbridge import CommandTimeout, HostKeyMismatch, RemotePathError, SandboxSSH
 from sshbridge.emulator import Emulator, OpenSSHTarget
@@ -37,11 +38,32 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDServer]:
 
 
 @pytest.fixture
-def emu(sshd: SSHDServer) -> Iterator[Emulator]:
-    target = OpenSSHTarget(sshd.host, sshd.port, sshd.username, sshd.authorized_keys_file)
-    with Emulator(api_key=SECRET_KEY, openssh=target) as emulator:
+def emu(sshd: SSHDServer, contract: str) -> Iterator[Emulator]:
+    """Contract A: the sshd itself. Contract B: a front that requires the session
+    preamble of a live session before a byte reaches the sshd."""
+    holder: list[Emulator] = []
+
+    def live(session_id: str) -> bool:
+        return any(
+            r.wire_session_id == session_id and r.deleted_at is None
+            for r in (holder[0].sessions if holder else [])
+        )
+
+    with contextlib.ExitStack() as stack:
+        host, port = sshd.host, sshd.port
+        front: PreambleFront | None = None
+        if contract == "vm":
+            front = stack.enter_context(PreambleFront((sshd.host, sshd.port), live))
+            host, port = front.host, front.port
+        target = OpenSSHTarget(host, port, sshd.username, sshd.authorized_keys_file)
+        emulator = stack.enter_context(
+            Emulator(api_key=SECRET_KEY, openssh=target, contract=contract)
+        )
+        holder.append(emulator)
         yield emulator
         assert emulator.open_sessions() == []
+        if front is not None:
+            assert front.accepted >= 1 and front.rejected == 0
 
 
 @pytest.fixture
@@ -144,25 +166,26 @@ def test_sftp_round_trip_and_atomicity(shell: SandboxSSH, tmp_path: Path) -> Non
 
 
 def test_host_key_pinned_against_a_different_server(
-    emu: Emulator, sshd: SSHDServer, tmp_path: Path
+    emu: Emulator, sshd: SSHDServer, tmp_path: Path, contract: str
 ) -> None:
     other = start_sshd(tmp_path / "other")
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(other.stop)
+        host, port = other.host, other.port
+        if contract == "vm":
+            front = stack.enter_context(PreambleFront((other.host, other.port), lambda _: True))
+            host, port = front.host, front.port
         sandbox = emu.create_sandbox()
         with SandboxSSH(
             sandbox, api_key=emu.api_key, base_url=emu.base_url, ttl_seconds=1
         ) as shell:
             shell.run("true")
             # The sandbox's next session is served by a server with another host key.
-            emu.openssh = OpenSSHTarget(
-                other.host, other.port, other.username, other.authorized_keys_file
-            )
+            emu.openssh = OpenSSHTarget(host, port, other.username, other.authorized_keys_file)
             time.sleep(1.2)
             with pytest.raises(HostKeyMismatch) as info:
                 shell.run("true")
             assert "pinned" in str(info.value)
-    finally:
-        other.stop()
 
 
 def test_durable_job_and_renewal_on_openssh(emu: Emulator) -> None:

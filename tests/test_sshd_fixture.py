@@ -7,6 +7,7 @@ import io
 import os
 import pathlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -192,3 +193,64 @@ def test_shell_reads_rc_from_pinned_home_and_stop(tmp_path: pathlib.Path) -> Non
         assert time.monotonic() < deadline, "sshd still accepting after stop()"
         time.sleep(0.05)
     server.stop()  # idempotent
+
+
+def test_preamble_front_checks_the_session_line(
+    sshd: SSHDServer, client_key: paramiko.Ed25519Key
+) -> None:
+    """PreambleFront: sshd behind the provider's ``PRIME-SSH-SESSION <id>`` line."""
+    try:
+        from sshd_server import PreambleFront
+    except ImportError:
+        from tests.sshd_server import PreambleFront
+
+    def raw(front: PreambleFront, line: bytes) -> bytes:
+        """What the front sends back to a connection that wrote ``line`` first."""
+        with socket.create_connection((front.host, front.port), timeout=5) as sock:
+            sock.sendall(line)
+            sock.settimeout(5)
+            try:
+                return sock.recv(64)
+            except ConnectionResetError:
+                return b""
+
+    allowed = {"sess_ok"}
+    with PreambleFront((sshd.host, sshd.port), allowed.__contains__) as front:
+        assert front.host == "127.0.0.1" and front.port not in (0, sshd.port)
+        sock = socket.create_connection((front.host, front.port), timeout=5)
+        sock.sendall(b"PRIME-SSH-SESSION sess_ok\n")
+        transport = paramiko.Transport(sock)
+        try:
+            transport.start_client(timeout=5)
+            transport.auth_publickey(sshd.username, client_key)
+            chan = transport.open_session(timeout=5)
+            chan.exec_command("echo through-the-front")
+            assert chan.makefile("rb").read() == b"through-the-front\n"
+            assert chan.recv_exit_status() == 0
+        finally:
+            transport.close()
+            sock.close()
+        assert (front.accepted, front.rejected) == (1, 0)
+
+        rejected_lines = [
+            b"PRIME-SSH-SESSION sess_other\n",  # accept() says no
+            b"SSH-2.0-paramiko\r\n",  # no preamble at all
+            b"PRIME-SSH-SESSION " + b"x" * 300,  # too long, no newline
+        ]
+        for n, line in enumerate(rejected_lines, 1):
+            assert raw(front, line) == b""  # closed before any sshd byte
+            deadline = time.monotonic() + 5
+            while front.rejected < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert front.rejected == n
+        sock = socket.create_connection((front.host, front.port), timeout=5)
+        sock.sendall(b"PRIME-SSH-SESSION sess_other\n")
+        with pytest.raises((paramiko.SSHException, EOFError, OSError)):
+            paramiko.Transport(sock).start_client(timeout=5)
+        sock.close()
+        assert raw(front, b"PRIME-SSH-SESSION sess_ok\n").startswith(b"SSH-2.0-")
+        assert front.accepted == 2
+    # close() joined everything and stopped listening.
+    assert not [t for t in threading.enumerate() if t.name.startswith("preamble-front")]
+    with pytest.raises(OSError):
+        socket.create_connection((front.host, front.port), timeout=1).close()

@@ -31,7 +31,7 @@ from sshbridge import _sftp, _transfer
 from sshbridge._exceptions import ConnectionLost, InvalidArgument, RemotePathError
 from sshbridge._hostkeys import PinFirstHostKey
 from sshbridge._link import Link
-from sshbridge._models import SSHSession
+from sshbridge._models import SidecarSSHSession
 from sshbridge._transport import generate_key
 
 
@@ -51,9 +51,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _link_to(server: SSHDServer) -> Link:
-    key = generate_key("sshbridge-test")
+    key = generate_key()
     server.add_authorized_key(key.public_line)
-    session = SSHSession(
+    session = SidecarSSHSession(
         session_id=server.username, exposure_id="e", sandbox_id="sbx", host=server.host,
         port=server.port, external_endpoint="x",
         expires_at=datetime.now(timezone.utc) + timedelta(hours=1), ttl_seconds=3600,

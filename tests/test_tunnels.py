@@ -325,14 +325,19 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.mark.timeout(120)
 def test_forwards_against_openssh(sshd: Any, tmp_path: Path) -> None:
+    from sshd_server import PreambleFront
+
     from sshbridge.emulator import OpenSSHTarget
 
-    target = OpenSSHTarget(sshd.host, sshd.port, sshd.username, sshd.authorized_keys_file)
+    # Contract B, as the service runs today: every connection (the forward's channels'
+    # included) goes through a front that requires the session preamble.
+    front = PreambleFront((sshd.host, sshd.port), lambda sid: sid == sshd.username)
+    target = OpenSSHTarget(front.host, front.port, sshd.username, sshd.authorized_keys_file)
     script = tmp_path / "echo.py"
     script.write_text(ECHO_SERVER)
     os.chmod(tmp_path, 0o755)
     port_file = tmp_path / "echo.port"
-    with Emulator(openssh=target) as emu:
+    with front, Emulator(openssh=target) as emu:
         sid = emu.create_sandbox()
         with SandboxSSH(sid, api_key=emu.api_key, base_url=emu.base_url) as shell:
             shell.run(
@@ -371,4 +376,5 @@ def test_forwards_against_openssh(sshd: Any, tmp_path: Path) -> None:
                 with contextlib.suppress(OSError, ValueError):
                     os.kill(int((tmp_path / "pid").read_text()), 15)
         assert emu.open_sessions() == []
+        assert front.rejected == 0 and front.accepted >= 1
     assert forward_threads() == []

@@ -8,6 +8,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,7 @@ import asyncssh
 
 from ._sidecar import Sidecar, kill_tagged
 from ._state import (
+    CONTRACTS,
     ENDPOINTS,
     APICall,
     FailRule,
@@ -32,10 +34,16 @@ from ._state import (
 logger = logging.getLogger("sshbridge.emulator")
 
 _KEY_MARK = "sshbridge-emulator:"
+_TERMINAL = frozenset({"TERMINATED", "TIMEOUT", "ERROR"})
 
 
 class Emulator:
-    """Local emulator of the sandbox API, the key-authorizing gateway and the SSH sidecar.
+    """Local emulator of the sandbox API and SSH service, in either contract.
+
+    ``contract="vm"`` (the default) is the provider's service as it runs today: the POST
+    carries the public key, every session shares one SSH port, and each TCP connection
+    starts with ``PRIME-SSH-SESSION <session_id>\\n``. ``contract="sidecar"`` is the
+    project's specification: a token, a gateway that authorizes keys, one port per session.
 
     Everything binds 127.0.0.1 on ephemeral ports. The switch attributes below may be
     changed at any time from any thread; they are read when they matter.
@@ -46,7 +54,11 @@ class Emulator:
         api_key: str | None = None,
         root_dir: str | os.PathLike[str] | None = None,
         openssh: OpenSSHTarget | None = None,
+        contract: str = "vm",
     ) -> None:
+        if contract not in CONTRACTS:
+            raise ValueError(f"contract must be one of {', '.join(map(repr, CONTRACTS))}")
+        self._contract = contract
         self.api_key: str = api_key or "emu_" + secrets.token_urlsafe(24)
         self.openssh = openssh
         self._root_arg = Path(root_dir) if root_dir is not None else None
@@ -63,6 +75,14 @@ class Emulator:
         self.rate_limit: tuple[int, float] = (20, 60.0)
         self.rate_limit_retry_after: bool = True
         self.time_format: str = "Z"
+        # 422 for POST body fields the contract does not define, instead of FastAPI's
+        # default of ignoring them (sidecar knows ttl_seconds; vm also public_key).
+        self.reject_unknown_fields: bool = False
+        # Called with each 200 session answer after the session exists; what it returns
+        # is sent instead (bytes verbatim, anything else as JSON).
+        self.session_answer_hook: Callable[[dict[str, Any]], Any] | None = None
+        # vm contract: how long the shared port waits for the preamble line.
+        self.preamble_timeout: float = 10.0
 
         self._state = State()
         self._sidecar: Sidecar | None = None
@@ -91,7 +111,7 @@ class Emulator:
                 self._root.mkdir(parents=True, exist_ok=True)
             try:
                 if self.openssh is None:
-                    self._sidecar = Sidecar(self, self._state)
+                    self._sidecar = Sidecar(self, self._state, shared_port=self.contract == "vm")
                     self._sidecar.start()
                 self._http = APIServer(self)
                 self._http_thread = threading.Thread(
@@ -153,6 +173,23 @@ class Emulator:
     # -- addresses ---------------------------------------------------------------
 
     @property
+    def contract(self) -> str:
+        """``"vm"`` or ``"sidecar"``; fixed at construction."""
+        return self._contract
+
+    @property
+    def ssh_port(self) -> int | None:
+        """The shared SSH port of the vm contract (None in sidecar or OpenSSH mode)."""
+        if self._sidecar is None:
+            return None
+        return self._sidecar.shared_port
+
+    @property
+    def preamble_rejections(self) -> int:
+        """Connections the shared port closed at the preamble (vm contract)."""
+        return self._sidecar.preamble_rejections if self._sidecar is not None else 0
+
+    @property
     def base_url(self) -> str:
         if self._http is None:
             raise RuntimeError("the emulator is not started")
@@ -171,8 +208,11 @@ class Emulator:
     # -- sandboxes ---------------------------------------------------------------
 
     def create_sandbox(
-        self, status: str = "RUNNING", vm: bool = False, name: str | None = None
+        self, status: str = "RUNNING", vm: bool | None = None, name: str | None = None
     ) -> str:
+        """A new sandbox; ``vm`` defaults to what the contract serves (True for "vm")."""
+        if vm is None:
+            vm = self.contract == "vm"
         root = self.root_dir
         sid = new_id("sbx_")
         directory = root / sid
@@ -187,6 +227,7 @@ class Emulator:
             created_at=now,
             updated_at=now,
             started_at=now if status == "RUNNING" else None,
+            terminated_at=now if status in _TERMINAL else None,
         )
         with self._state.lock:
             self._state.sandboxes[sid] = sandbox
@@ -200,6 +241,8 @@ class Emulator:
             sandbox.updated_at = utcnow()
             if status == "RUNNING" and sandbox.started_at is None:
                 sandbox.started_at = sandbox.updated_at
+            if status in _TERMINAL and sandbox.terminated_at is None:
+                sandbox.terminated_at = sandbox.updated_at
             affected: list[Session] = []
             if leaving:
                 for session in self._state.sessions.values():
@@ -277,6 +320,15 @@ class Emulator:
                 if s.deleted_at is None and (sandbox_id is None or s.sandbox_id == sandbox_id)
             ]
 
+    def close_session(self, session_id: str) -> None:
+        """Close a session as its DELETE would (for tests cleaning up what a client
+        could not close, e.g. after an answer it could not read)."""
+        session = self._state.session_by_any_id(session_id)
+        if session is None:
+            raise ValueError(f"unknown session {session_id!r}")
+        if session.deleted_at is None:
+            self._close_session(session)
+
     def ssh_connections(self, session_id: str | None = None) -> int:
         """Authenticated SSH connections open now (always 0 in OpenSSH mode)."""
         if self._sidecar is None:
@@ -290,7 +342,10 @@ class Emulator:
 
     # -- used by the HTTP layer ------------------------------------------------------
 
-    def _open_session(self, sandbox: Sandbox, ttl: int) -> Session:
+    def _open_session(
+        self, sandbox: Sandbox, ttl: int, key: asyncssh.SSHKey | None = None
+    ) -> Session:
+        """Create a session (and its exposure); authorize ``key`` for it at once if given."""
         now = utcnow()
         internal_id = new_id("sess_")
         target = self.openssh
@@ -317,9 +372,9 @@ class Emulator:
                         sandbox.host_key = asyncssh.generate_private_key("ssh-ed25519")
                     session.host_key = sandbox.host_key
             session.port = self._sidecar.open_exposure(session, max(0.0, self.exposure_delay))
-        with self._state.lock:
-            self._state.sessions[internal_id] = session
-            self._state.by_token[session.token] = session
+        self._state.add_session(session)
+        if key is not None:
+            self._authorize(session, key)
         return session
 
     def _close_session(self, session: Session) -> None:

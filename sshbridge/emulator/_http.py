@@ -1,4 +1,5 @@
-"""The platform API and the key-authorizing gateway, on one stdlib HTTP/1.1 server."""
+"""The platform API (both contracts) and the sidecar contract's gateway, on one stdlib
+HTTP/1.1 server."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncssh
 
@@ -28,6 +29,8 @@ logger = logging.getLogger("sshbridge.emulator")
 
 DEFAULT_TTL = 900
 MAX_TTL = 3600
+MAX_PER_PAGE = 100
+_BODY_FIELDS = {"sidecar": ("ttl_seconds",), "vm": ("ttl_seconds", "public_key")}
 
 
 @dataclass
@@ -41,12 +44,20 @@ def _detail(status: int, detail: str, **headers: str) -> Response:
     return Response(status, {"detail": detail}, dict(headers))
 
 
+def _param_error(param: str, details: str) -> Response:
+    return Response(422, {"errors": [{"param": param, "details": details}]})
+
+
 def _ttl_error(details: str) -> Response:
-    return Response(422, {"errors": [{"param": "ttl_seconds", "details": details}]})
+    return _param_error("ttl_seconds", details)
+
+
+Query = dict[str, list[str]]
 
 
 # (method, pattern, endpoint name, handler) -- handlers are defined below.
 _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
+    ("GET", re.compile(r"/api/v1/sandbox/?"), "list_sandboxes", "_list_sandboxes"),
     ("GET", re.compile(r"/api/v1/sandbox/([^/]+)"), "get_sandbox", "_get_sandbox"),
     (
         "POST",
@@ -74,7 +85,9 @@ def handle(
     emu: Emulator, method: str, raw_path: str, headers: Mapping[str, str], body: bytes
 ) -> Response:
     """Route one request (header names lowercased); record API and gateway calls."""
-    path = urlsplit(raw_path).path
+    parts = urlsplit(raw_path)
+    path = parts.path
+    query: Query = parse_qs(parts.query, keep_blank_values=True)
     if path.startswith("/_emulator/"):
         for m, pattern, fn_name in _ADMIN_ROUTES:
             match = pattern.fullmatch(path)
@@ -90,6 +103,8 @@ def handle(
     groups: tuple[str, ...] = ()
     path_matched = False
     for m, pattern, name, fn_name in _ROUTES:
+        if name == "authorize" and emu.contract != "sidecar":
+            continue  # the vm contract has no gateway
         match = pattern.fullmatch(path)
         if not match:
             continue
@@ -102,7 +117,7 @@ def handle(
     if handler is None:
         resp = _detail(405, "Method Not Allowed") if path_matched else _detail(404, "Not Found")
     else:
-        if endpoint != "authorize":
+        if endpoint not in ("authorize", "list_sandboxes"):
             sandbox_id = groups[0]
         rule = emu._state.take_failure(endpoint)
         if rule is not None:
@@ -113,7 +128,7 @@ def handle(
                 resp.headers["Retry-After"] = str(rule.retry_after)
         else:
             try:
-                resp, sid = handler(emu, headers, body, groups)
+                resp, sid = handler(emu, headers, body, groups, query)
                 sandbox_id = sid or sandbox_id
             except Exception:
                 logger.exception("emulator failed to handle %s %s", method, endpoint)
@@ -159,31 +174,61 @@ def _json_body(body: bytes) -> tuple[dict[str, Any] | None, Response | None]:
 
 
 def _sandbox_json(emu: Emulator, sb: Sandbox) -> dict[str, Any]:
+    """Every field of the official SDK's Sandbox model (camelCase), plus one it lacks."""
     fmt = emu.time_format
-    return {
-        "id": sb.id,
-        "name": sb.name,
-        "dockerImage": "python:3.11-slim",
-        "startCommand": "tail -f /dev/null",
-        "cpuCores": 1,
-        "memoryGB": 2,
-        "diskSizeGB": 10,
-        "gpuCount": 0,
-        "status": sb.status,
-        "timeoutMinutes": 60,
-        "environmentVars": {},
-        "createdAt": format_time(sb.created_at, fmt),
-        "updatedAt": format_time(sb.updated_at, fmt),
-        "startedAt": format_time(sb.started_at, fmt) if sb.started_at else None,
-        "userId": "usr_emulator",
-        "teamId": None,
-        "vm": sb.vm,
-        # A field clients do not know, as the real API grows them over time.
-        "emulatorWorkdir": str(sb.directory),
-    }
+
+    def when(dt: Any) -> str | None:
+        return format_time(dt, fmt) if dt is not None else None
+
+    with emu._state.lock:  # one consistent snapshot of a sandbox other threads change
+        return {
+            "id": sb.id,
+            "name": sb.name,
+            "dockerImage": "python:3.11-slim",
+            "startCommand": None,
+            "cpuCores": 1.0,
+            "memoryGB": 2.0,
+            "diskSizeGB": 10.0,
+            "diskMountPath": "/sandbox-workspace",
+            "gpuCount": 0,
+            "gpuType": None,
+            "vm": sb.vm,
+            "networkAllowlist": None,
+            "networkDenylist": None,
+            "status": sb.status,
+            "timeoutMinutes": 60,
+            "idleTimeoutMinutes": None,
+            "terminationReason": "emulator set status" if sb.terminated_at else None,
+            "environmentVars": {},
+            "secrets": None,
+            "advancedConfigs": None,
+            "labels": [],
+            "createdAt": when(sb.created_at),
+            "updatedAt": when(sb.updated_at),
+            "startedAt": when(sb.started_at),
+            "terminatedAt": when(sb.terminated_at),
+            "exitCode": None,
+            "errorType": None,
+            "errorMessage": None,
+            "userId": "usr_emulator",
+            "teamId": None,
+            "region": "emulator-local",
+            "pendingImageBuildId": None,
+            # A field clients do not know, as the real API grows them over time.
+            "emulatorWorkdir": str(sb.directory),
+        }
 
 
 def _session_json(emu: Emulator, s: Session) -> dict[str, Any]:
+    if emu.contract == "vm":
+        return {
+            "session_id": s.wire_id,
+            "sandbox_id": s.sandbox_id,
+            "host": s.host,
+            "port": s.port,
+            "expires_at": format_time(s.expires_at, emu.time_format),
+            "ttl_seconds": s.ttl_seconds,
+        }
     return {
         "session_id": s.wire_id,
         "exposure_id": s.exposure_id,
@@ -201,27 +246,91 @@ def _session_json(emu: Emulator, s: Session) -> dict[str, Any]:
 
 
 def _lookup_sandbox(emu: Emulator, sandbox_id: str) -> Sandbox | None:
-    with emu._state.lock:
-        return emu._state.sandboxes.get(sandbox_id)
+    return emu._state.sandbox(sandbox_id)
+
+
+def _query_int(query: Query, name: str, default: int, low: int, high: int | None) -> int | Response:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[-1].strip())
+    except ValueError:
+        return _param_error(name, "Input should be a valid integer")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        return _param_error(name, f"{name} must be {bound}")
+    return value
+
+
+def _public_key(value: Any) -> asyncssh.SSHKey | Response:
+    """An OpenSSH one-line public key (``type base64 [comment]``), or the 422 to send."""
+    if value is None:
+        return _param_error("public_key", "Field required")
+    if not isinstance(value, str):
+        return _param_error("public_key", "Input should be a valid string")
+    line = value.strip()
+    if "\n" in line or "\r" in line or len(line.split()) < 2:
+        return _param_error("public_key", "public_key must be one OpenSSH public key line")
+    try:
+        return asyncssh.import_public_key(line)
+    except (asyncssh.KeyImportError, ValueError, TypeError):
+        return _param_error("public_key", "public_key is not a valid OpenSSH public key")
 
 
 # -- API handlers (return the response and the sandbox id to record) -------------------
 
 
 def _get_sandbox(
-    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+    emu: Emulator,
+    headers: Mapping[str, str],
+    body: bytes,
+    groups: tuple[str, ...],
+    query: Query,
 ) -> tuple[Response, str | None]:
     if not _api_key_ok(emu, headers):
         return _auth_error(headers), None
     sandbox = _lookup_sandbox(emu, groups[0])
     if sandbox is None:
         return _detail(404, "Sandbox not found"), None
-    with emu._state.lock:
-        return Response(200, _sandbox_json(emu, sandbox)), None
+    return Response(200, _sandbox_json(emu, sandbox)), None
+
+
+def _list_sandboxes(
+    emu: Emulator,
+    headers: Mapping[str, str],
+    body: bytes,
+    groups: tuple[str, ...],
+    query: Query,
+) -> tuple[Response, str | None]:
+    if not _api_key_ok(emu, headers):
+        return _auth_error(headers), None
+    page = _query_int(query, "page", 1, 1, None)
+    if isinstance(page, Response):
+        return page, None
+    per_page = _query_int(query, "per_page", 50, 1, MAX_PER_PAGE)
+    if isinstance(per_page, Response):
+        return per_page, None
+    statuses = query.get("status")
+    status = statuses[-1] if statuses and statuses[-1] else None
+    matching = emu._state.sandbox_list(status)
+    start = (page - 1) * per_page
+    body_out = {
+        "sandboxes": [_sandbox_json(emu, sb) for sb in matching[start : start + per_page]],
+        "total": len(matching),
+        "page": page,
+        "perPage": per_page,
+        "hasNext": start + per_page < len(matching),
+    }
+    return Response(200, body_out), None
 
 
 def _create_session(
-    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+    emu: Emulator,
+    headers: Mapping[str, str],
+    body: bytes,
+    groups: tuple[str, ...],
+    query: Query,
 ) -> tuple[Response, str | None]:
     sandbox_id = groups[0]
     if not _api_key_ok(emu, headers):
@@ -237,6 +346,13 @@ def _create_session(
     data, err = _json_body(body)
     if err is not None or data is None:
         return err or _ttl_error("invalid body"), None
+    if emu.reject_unknown_fields:
+        known = _BODY_FIELDS[emu.contract]
+        extra = [name for name in data if name not in known]
+        if extra:
+            details = "Extra inputs are not permitted"
+            errors = [{"param": name, "details": details} for name in extra]
+            return Response(422, {"errors": errors}), None
     ttl = data.get("ttl_seconds")
     if ttl is None:
         ttl = DEFAULT_TTL
@@ -244,6 +360,12 @@ def _create_session(
         return _ttl_error("Input should be a valid integer"), None
     elif ttl < 1 or ttl > MAX_TTL:
         return _ttl_error(f"ttl_seconds must be between 1 and {MAX_TTL}"), None
+    key: asyncssh.SSHKey | None = None
+    if emu.contract == "vm":
+        parsed = _public_key(data.get("public_key"))
+        if isinstance(parsed, Response):
+            return parsed, None
+        key = parsed
 
     sandbox = _lookup_sandbox(emu, sandbox_id)
     if sandbox is None:
@@ -252,35 +374,35 @@ def _create_session(
         status, vm = sandbox.status, sandbox.vm
     if status != "RUNNING":
         return _detail(409, f"Sandbox is not running (status: {status})"), None
-    if vm:
+    if vm and emu.contract == "sidecar":
         return _detail(400, "SSH sessions are not supported for VM sandboxes"), None
+    if not vm and emu.contract == "vm":
+        return _detail(400, "SSH sessions are only supported for VM sandboxes"), None
     try:
-        session = emu._open_session(sandbox, ttl)
+        session = emu._open_session(sandbox, ttl, key)
     except Exception:
         logger.exception("could not open an SSH exposure")
         return _detail(503, "Could not expose the SSH sidecar"), None
-    return Response(200, _session_json(emu, session)), None
+    answer: Any = _session_json(emu, session)
+    hook = emu.session_answer_hook
+    if hook is not None:
+        answer = hook(answer)
+    return Response(200, answer), None
 
 
 def _close_session(
-    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+    emu: Emulator,
+    headers: Mapping[str, str],
+    body: bytes,
+    groups: tuple[str, ...],
+    query: Query,
 ) -> tuple[Response, str | None]:
     sandbox_id, session_id = groups
     if not _api_key_ok(emu, headers):
         return _auth_error(headers), None
     if _lookup_sandbox(emu, sandbox_id) is None:
         return _detail(404, "Sandbox not found"), None
-    found: Session | None = None
-    with emu._state.lock:
-        # Newest first: in OpenSSH mode every session shares the wire id (the username).
-        for cand in reversed(list(emu._state.sessions.values())):
-            if (
-                cand.sandbox_id == sandbox_id
-                and cand.deleted_at is None
-                and session_id in (cand.wire_id, cand.internal_id)
-            ):
-                found = cand
-                break
+    found = emu._state.open_session_for(sandbox_id, session_id)
     if found is None:
         return _detail(404, "SSH session not found"), None
     emu._close_session(found)
@@ -288,12 +410,14 @@ def _close_session(
 
 
 def _authorize(
-    emu: Emulator, headers: Mapping[str, str], body: bytes, groups: tuple[str, ...]
+    emu: Emulator,
+    headers: Mapping[str, str],
+    body: bytes,
+    groups: tuple[str, ...],
+    query: Query,
 ) -> tuple[Response, str | None]:
     user_ns, job_id = groups
-    token = _bearer(headers)
-    with emu._state.lock:
-        session = emu._state.by_token.get(token) if token else None
+    session = emu._state.session_for_token(_bearer(headers))
     if session is None:
         return _detail(401, "Invalid or missing session token"), None
     sid = session.sandbox_id
@@ -329,9 +453,10 @@ def _admin_create_sandbox(emu: Emulator, body: bytes) -> Response:
     data, err = _json_body(body)
     if err is not None or data is None:
         return err or _detail(422, "invalid body")
+    vm = data.get("vm")
     sid = emu.create_sandbox(
         status=str(data.get("status") or "RUNNING"),
-        vm=bool(data.get("vm", False)),
+        vm=None if vm is None else bool(vm),
         name=data.get("name") if isinstance(data.get("name"), str) else None,
     )
     sandbox = _lookup_sandbox(emu, sid)
@@ -420,7 +545,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(resp)
 
     def _send(self, resp: Response) -> None:
-        data = b"" if resp.status == 204 else json.dumps(resp.body).encode()
+        if resp.status == 204:
+            data = b""
+        elif isinstance(resp.body, bytes):  # a session_answer_hook may send any bytes
+            data = resp.body
+        else:
+            data = json.dumps(resp.body).encode()
         self.send_response(resp.status)
         for name, value in resp.headers.items():
             self.send_header(name, value)

@@ -1,4 +1,8 @@
-"""The SSH sidecar: an AsyncSSH server on its own event loop thread, one listener per session."""
+"""The SSH side: AsyncSSH on its own event loop thread.
+
+Sidecar contract: one listener per session. VM contract: one shared listener that reads
+the ``PRIME-SSH-SESSION <id>`` preamble line and hands the socket to that session.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.stream import SSHServerStreamSession
 
-from ._state import Session, State, utcnow
+from ._state import PREAMBLE_PREFIX, Session, State, utcnow
 
 if TYPE_CHECKING:
     from ._emulator import Emulator
@@ -40,6 +44,8 @@ _PTY_INPUT_HIGH = 256 * 1024
 _SWEEP_INTERVAL = 0.25
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "ip6-localhost"})
 TAG_VAR = "SSHBRIDGE_EMULATOR"
+# The preamble line, newline included, may not be longer than this.
+PREAMBLE_MAX = 256
 
 
 def kill_tagged(tag: str) -> int:
@@ -65,9 +71,46 @@ def kill_tagged(tag: str) -> int:
     return killed
 
 
+def _default_signals() -> None:
+    # Runs in the child: an emulator started in the background by a shell inherits
+    # SIGINT/SIGQUIT ignored, and ignored signals survive exec, so Ctrl-C would do nothing.
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGQUIT})
+
+
 def _acquire_ctty() -> None:
     # Runs in the child after setsid(): make the pty slave (fd 0) its controlling terminal.
+    _default_signals()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _server_options(exp: _Exposure) -> dict[str, Any]:
+    """AsyncSSH server options for one session, shared by both contracts."""
+    return {
+        "server_factory": lambda: _ConnServer(exp),
+        "server_host_keys": [exp.session.host_key],
+        "line_editor": False,
+        "gss_host": None,
+        "x11_forwarding": False,
+        "agent_forwarding": False,
+        "allow_scp": False,
+        "login_timeout": 60,
+    }
+
+
+def parse_preamble(line: bytes) -> str | None:
+    """The session id of a ``PRIME-SSH-SESSION <id>\\n`` line, or None if malformed."""
+    if not line.startswith(PREAMBLE_PREFIX) or not line.endswith(b"\n"):
+        return None
+    raw = line[len(PREAMBLE_PREFIX) : -1]
+    try:
+        session_id = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not session_id or not session_id.isprintable() or any(c.isspace() for c in session_id):
+        return None
+    return session_id
 
 
 def _set_winsize(fd: int, size: tuple[int, int, int, int]) -> None:
@@ -85,9 +128,16 @@ def _signal_name(signum: int) -> str:
 class Sidecar:
     """Owns the event loop thread; every public method here is safe to call from any thread."""
 
-    def __init__(self, emu: Emulator, state: State) -> None:
+    def __init__(self, emu: Emulator, state: State, *, shared_port: bool = False) -> None:
         self._emu = emu
         self._state = state
+        self._shared = shared_port
+        self._listener: socket.socket | None = None
+        self._shared_port: int | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._preamble_socks: set[socket.socket] = set()
+        self._rejections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._exposures: dict[str, _Exposure] = {}
@@ -117,6 +167,17 @@ class Sidecar:
         if not ready.wait(10):
             raise RuntimeError("SSH sidecar loop did not start")
         self.call(self._start_sweeper)
+        if self._shared:
+            self.call(self._start_shared_listener)
+
+    @property
+    def shared_port(self) -> int | None:
+        return self._shared_port
+
+    @property
+    def preamble_rejections(self) -> int:
+        with self._count_lock:
+            return self._rejections
 
     def stop(self, timeout: float = 5.0) -> None:
         loop, thread = self._loop, self._thread
@@ -160,6 +221,20 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        # Cancel before closing: a handshake still has its socket registered for reading.
+        handshakes = list(self._handshakes)
+        for task in handshakes:
+            task.cancel()
+        if handshakes:
+            await asyncio.wait(handshakes, timeout=1.0)
+        for sock in list(self._preamble_socks):
+            sock.close()
+        self._preamble_socks.clear()
         for exp in list(self._exposures.values()):
             exp.close(abort=True)
         self._exposures.clear()
@@ -223,6 +298,14 @@ class Sidecar:
     # -- loop side -----------------------------------------------------------------
 
     async def _open_exposure(self, session: Session, delay: float) -> int:
+        loop = asyncio.get_running_loop()
+        if self._shared:
+            assert self._shared_port is not None
+            exp = _Exposure(self, session, None)
+            exp.ready_at = loop.time() + delay
+            self._exposures[session.internal_id] = exp
+            self._arm_expiry(exp)
+            return self._shared_port
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             # Bound but not listening: the kernel answers SYNs with RST until listen().
@@ -233,14 +316,93 @@ class Sidecar:
         port: int = sock.getsockname()[1]
         exp = _Exposure(self, session, sock)
         self._exposures[session.internal_id] = exp
-        loop = asyncio.get_running_loop()
-        remaining = (session.expires_at - utcnow()).total_seconds()
-        exp.expiry_handle = loop.call_later(max(0.0, remaining), self._on_expiry, exp)
+        self._arm_expiry(exp)
         if delay > 0:
             exp.delay_handle = loop.call_later(delay, exp.start_later)
         else:
             await exp.start_listening()
         return port
+
+    def _arm_expiry(self, exp: _Exposure) -> None:
+        remaining = (exp.session.expires_at - utcnow()).total_seconds()
+        loop = asyncio.get_running_loop()
+        exp.expiry_handle = loop.call_later(max(0.0, remaining), self._on_expiry, exp)
+
+    # -- vm contract: the shared port and its preamble ---------------------------------
+
+    async def _start_shared_listener(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._shared_port = sock.getsockname()[1]
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _addr = await loop.sock_accept(listener)
+            except OSError:
+                if self._listener is None:
+                    return
+                logger.debug("accept on the shared SSH port failed", exc_info=True)
+                await asyncio.sleep(0.05)  # e.g. EMFILE: do not spin
+                continue
+            conn.setblocking(False)
+            self._preamble_socks.add(conn)
+            task = loop.create_task(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _reject(self, sock: socket.socket, why: str) -> None:
+        # Counted before the close, so a client that saw EOF also sees the count.
+        with self._count_lock:
+            self._rejections += 1
+        logger.debug("shared SSH port: closing a connection: %s", why)
+        self._preamble_socks.discard(sock)
+        sock.close()
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        try:
+            line = await asyncio.wait_for(
+                _read_line(sock, PREAMBLE_MAX), max(0.0, self._emu.preamble_timeout)
+            )
+        except asyncio.TimeoutError:
+            self._reject(sock, "no preamble in time")
+            return
+        except asyncio.CancelledError:
+            self._preamble_socks.discard(sock)
+            sock.close()
+            raise
+        except OSError:
+            self._reject(sock, "connection failed during the preamble")
+            return
+        session_id = parse_preamble(line) if line is not None else None
+        if session_id is None:
+            self._reject(sock, "missing or malformed preamble")
+            return
+        exp = self._exposures.get(session_id)
+        if exp is None or exp.closed or not self._state.session_usable(exp.session):
+            self._reject(sock, "unknown or unusable session")
+            return
+        if asyncio.get_running_loop().time() < exp.ready_at:
+            self._reject(sock, "session not exposed yet")
+            return
+        self._preamble_socks.discard(sock)
+        try:
+            await asyncssh.run_server(sock, **_server_options(exp))
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 -- failed logins end here; nothing to report
+            logger.debug("SSH login on the shared port ended: %r", exc)
+            sock.close()
 
     def _on_expiry(self, exp: _Exposure) -> None:
         exp.expiry_handle = None
@@ -250,12 +412,7 @@ class Sidecar:
     def key_allowed(self, session: Session, username: str, key: asyncssh.SSHKey) -> bool:
         state = self._state
         with state.lock:
-            if username != session.wire_id or session.deleted_at is not None:
-                return False
-            if session.exposure_closed or session.expired():
-                return False
-            sandbox = state.sandboxes.get(session.sandbox_id)
-            if sandbox is None or sandbox.status != "RUNNING":
+            if username != session.wire_id or not state.session_usable(session):
                 return False
             return key.public_data in session.keys
 
@@ -282,13 +439,49 @@ class Sidecar:
             self._live.discard(chan_session)
 
 
-class _Exposure:
-    """One session's listening port and the SSH connections that came through it."""
+async def _read_line(sock: socket.socket, limit: int) -> bytes | None:
+    """Read up to and including the first newline, never past it (peek, then consume).
 
-    def __init__(self, sidecar: Sidecar, session: Session, sock: socket.socket) -> None:
+    None if the peer closed first or the line would exceed ``limit`` bytes.
+    """
+    loop = asyncio.get_running_loop()
+    buf = b""
+    while True:
+        try:
+            peeked = sock.recv(limit - len(buf), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            fd = sock.fileno()
+            ready = loop.create_future()
+            loop.add_reader(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            continue
+        if not peeked:
+            return None
+        newline = peeked.find(b"\n")
+        take = newline + 1 if newline >= 0 else len(peeked)
+        # The peeked bytes are in the kernel buffer, so this returns exactly `take`.
+        buf += sock.recv(take)
+        if newline >= 0:
+            return buf
+        if len(buf) >= limit:
+            return None
+
+
+class _Exposure:
+    """One session's SSH endpoint and the connections that came through it.
+
+    Sidecar contract: its own listening socket. VM contract: no socket; the shared port
+    hands it connections whose preamble named this session.
+    """
+
+    def __init__(self, sidecar: Sidecar, session: Session, sock: socket.socket | None) -> None:
         self.sidecar = sidecar
         self.session = session
         self.sock: socket.socket | None = sock
+        self.ready_at = 0.0  # loop time before which the shared port turns it away
         self.acceptor: asyncssh.SSHAcceptor | None = None
         self.conns: set[_ConnServer] = set()
         self.closed = False
@@ -305,17 +498,7 @@ class _Exposure:
         if self.closed or sock is None:
             return
         try:
-            acceptor = await asyncssh.listen(
-                sock=sock,
-                server_factory=lambda: _ConnServer(self),
-                server_host_keys=[self.session.host_key],
-                line_editor=False,
-                gss_host=None,
-                x11_forwarding=False,
-                agent_forwarding=False,
-                allow_scp=False,
-                login_timeout=60,
-            )
+            acceptor = await asyncssh.listen(sock=sock, **_server_options(self))
         except Exception:
             logger.exception("could not start the SSH listener for a session")
             sock.close()
@@ -824,6 +1007,7 @@ class _PipeProcess(_Process):
             cwd=cwd,
             env=env,
             start_new_session=True,
+            preexec_fn=_default_signals,
         )
         if self._out_paused:
             self.pause_output()

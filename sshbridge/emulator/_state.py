@@ -14,7 +14,11 @@ from typing import Any
 
 _ALNUM = string.ascii_lowercase + string.digits
 
-ENDPOINTS = ("get_sandbox", "create_session", "close_session", "authorize")
+ENDPOINTS = ("get_sandbox", "list_sandboxes", "create_session", "close_session", "authorize")
+# "vm": the provider's service today (key in the POST, one shared port, session preamble);
+# "sidecar": the project's specification (token, gateway authorize, one port per session).
+CONTRACTS = ("vm", "sidecar")
+PREAMBLE_PREFIX = b"PRIME-SSH-SESSION "
 
 
 def new_id(prefix: str, length: int = 20) -> str:
@@ -85,6 +89,7 @@ class Sandbox:
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
+    terminated_at: datetime | None = None
     host_key: Any = None  # asyncssh.SSHKey, created lazily by the sidecar
 
 
@@ -176,6 +181,47 @@ class State:
                 return (q[0] + window - now) if q else window
             q.append(now)
             return None
+
+    def sandbox(self, sandbox_id: str) -> Sandbox | None:
+        with self.lock:
+            return self.sandboxes.get(sandbox_id)
+
+    def sandbox_list(self, status: str | None = None) -> list[Sandbox]:
+        """Sandboxes in creation order, optionally only those with this status."""
+        with self.lock:
+            return [s for s in self.sandboxes.values() if status is None or s.status == status]
+
+    def add_session(self, session: Session) -> None:
+        with self.lock:
+            self.sessions[session.internal_id] = session
+            self.by_token[session.token] = session
+
+    def session_for_token(self, token: str | None) -> Session | None:
+        if not token:
+            return None
+        with self.lock:
+            return self.by_token.get(token)
+
+    def open_session_for(self, sandbox_id: str, session_id: str) -> Session | None:
+        """The newest undeleted session of this sandbox with this wire or internal id."""
+        with self.lock:
+            # Newest first: in OpenSSH mode every session shares the wire id (the username).
+            for cand in reversed(list(self.sessions.values())):
+                if (
+                    cand.sandbox_id == sandbox_id
+                    and cand.deleted_at is None
+                    and session_id in (cand.wire_id, cand.internal_id)
+                ):
+                    return cand
+        return None
+
+    def session_usable(self, session: Session) -> bool:
+        """May this session still log in: not deleted, not expired, its sandbox RUNNING."""
+        with self.lock:
+            if session.deleted_at is not None or session.exposure_closed or session.expired():
+                return False
+            sandbox = self.sandboxes.get(session.sandbox_id)
+            return sandbox is not None and sandbox.status == "RUNNING"
 
     def session_by_any_id(self, session_id: str) -> Session | None:
         with self.lock:
