@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import logging
+import math
 import re
 import time
 from collections import deque
@@ -48,6 +49,7 @@ from ._exceptions import (
     ServerError,
     UnexpectedResponse,
 )
+from ._httpguard import guarded, guarded_session
 from ._models import (
     AuthorizeKeyRequest,
     CreateSSHSessionRequest,
@@ -72,6 +74,30 @@ MAX_TTL = 3600
 DEFAULT_TTL = 900
 # A Retry-After longer than this is not waited for: the error goes to the caller.
 MAX_RETRY_AFTER = 30.0
+
+
+def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise InvalidArgument(
+            f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
+    return float(value)
+
+
+def validate_api_timeout(value: object) -> float | tuple[float, float]:
+    """Seconds, or a (connect, read) pair: finite and above zero, checked up front."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise InvalidArgument(
+                f"api_timeout must be seconds or a (connect, read) pair, got {len(value)} values"
+            )
+        return (
+            _seconds("api_timeout connect", value[0]),
+            _seconds("api_timeout read", value[1]),
+        )
+    return _seconds("api_timeout", value)
 
 
 def validate_sandbox_id(sandbox_id: object) -> str:
@@ -249,15 +275,21 @@ class APIClient:
         http: requests.Session | None = None,
     ) -> None:
         self.config = config or load_config(api_key=api_key, base_url=base_url, team_id=team_id)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, tuple)):
-            raise InvalidArgument("timeout must be seconds or a (connect, read) tuple")
+        self.timeout = validate_api_timeout(timeout)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise InvalidArgument("max_retries must be an int >= 0")
-        self.timeout = timeout
         self.max_retries = max_retries
-        self.retry_deadline = float(retry_deadline)
-        self.rate_limit_wait = float(rate_limit_wait)
-        self._http = http or requests.Session()
+        self.retry_deadline = _seconds("retry_deadline", retry_deadline, allow_zero=True)
+        self.rate_limit_wait = _seconds("rate_limit_wait", rate_limit_wait, allow_zero=True)
+        # One attempt, as a whole, lasts at most connect + read timeout: a server that
+        # drips its answer cannot hold a call past it (only on our own session, whose
+        # connections the guard can cut; a caller's ``http=`` session keeps its own rules).
+        connect_t, read_t = self.timeout if isinstance(self.timeout, tuple) else (
+            self.timeout,
+            self.timeout,
+        )
+        self._attempt_bound = connect_t + read_t
+        self._http = http or guarded_session()
         self._owns_http = http is None
         self._http.headers["User-Agent"] = f"sshbridge/{__version__}"
         self._redact = _Redactor([self.config.api_key])
@@ -495,6 +527,19 @@ class APIClient:
         except _RetryableFailure as failure:
             raise failure.attempt.error from None
 
+    def _send(
+        self, method: str, url: str, json: Any, headers: dict[str, str]
+    ) -> requests.Response:
+        with guarded(self._attempt_bound) as guard:
+            try:
+                return self._http.request(
+                    method, url, json=json, headers=headers, timeout=self.timeout
+                )
+            except requests.exceptions.RequestException:
+                if guard.expired:
+                    raise requests.exceptions.ReadTimeout("attempt deadline passed") from None
+                raise
+
     def _once(
         self,
         method: str,
@@ -512,9 +557,7 @@ class APIClient:
         path = url.split("://", 1)[-1]
         path = path[path.find("/") :] if "/" in path else "/"
         try:
-            response = self._http.request(
-                method, url, json=json, headers=headers, timeout=self.timeout
-            )
+            response = self._send(method, url, json, headers)
         except requests.exceptions.ConnectTimeout:
             where = self.config.base_url if url.startswith(self.config.base_url) else "the gateway"
             err: APIError = APITimeout(
@@ -524,7 +567,10 @@ class APIClient:
             self.calls.append((time.monotonic(), method, path, None))
             raise _RetryableFailure(_Attempt(err, retryable=True, retry_after=None)) from None
         except requests.exceptions.Timeout:
-            err = APITimeout(f"{label}: no answer within {self.timeout} s")
+            err = APITimeout(
+                f"{label}: no complete answer within {self._attempt_bound:g} s "
+                f"(api_timeout {self.timeout}); the API is slow or unreachable, retry later"
+            )
             self.calls.append((time.monotonic(), method, path, None))
             if idempotent:
                 raise _RetryableFailure(_Attempt(err, retryable=True, retry_after=None)) from None

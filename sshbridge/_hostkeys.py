@@ -7,14 +7,18 @@ every later connection (reconnects, new sessions) must present the same key.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
 import paramiko
+import paramiko.hostkeys
 
 from ._exceptions import HostKeyMismatch, InvalidArgument
 
 __all__ = ["AcceptAnyHostKey", "HostKeyPolicy", "KnownHostsFile", "PinFirstHostKey"]
+
+log = logging.getLogger("sshbridge.hostkeys")
 
 
 def describe(key: paramiko.PKey) -> str:
@@ -57,8 +61,10 @@ class KnownHostsFile(HostKeyPolicy):
     """Check against an OpenSSH ``known_hosts`` file.
 
     Entries are looked up as ``[host]:port``, then ``host``, then the sandbox id (sidecar
-    ports change per session, so a sandbox-id entry is the stable one). With
-    ``accept_new=True`` an unknown sandbox is added under its id and the file is saved.
+    ports change per session, so a sandbox-id entry is the stable one). ``@revoked`` keys
+    are never accepted; ``@cert-authority`` lines (host certificates, which sandboxes do
+    not present) and lines that cannot be read are skipped with a warning naming their
+    line numbers. With ``accept_new=True`` an unknown sandbox is appended under its id.
     """
 
     def __init__(self, path: str | Path, *, accept_new: bool = False) -> None:
@@ -68,19 +74,60 @@ class KnownHostsFile(HostKeyPolicy):
         self.accept_new = accept_new
         self._lock = threading.Lock()
         self._keys = paramiko.HostKeys()
+        self._revoked = paramiko.HostKeys()
+        self.skipped: list[int] = []  # line numbers not used (corrupt or @cert-authority)
         if self.path.exists():
-            try:
-                self._keys.load(str(self.path))
-            except (OSError, paramiko.SSHException) as exc:
-                raise InvalidArgument(f"cannot read known_hosts file {self.path}: {exc}") from None
+            self._load()
         elif not accept_new:
             raise InvalidArgument(
                 f"known_hosts file {self.path} does not exist (pass accept_new=True to create it)"
             )
 
+    def _load(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read known_hosts file {self.path}: {exc.strerror or exc}"
+            ) from None
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            target = self._keys
+            if line.startswith("@"):
+                marker, _, line = line.partition(" ")
+                if marker == "@revoked":
+                    target = self._revoked
+                else:
+                    self.skipped.append(lineno)  # @cert-authority: no certificates here
+                    continue
+            entry = _entry(line.strip(), lineno)
+            if entry is None:
+                self.skipped.append(lineno)
+                continue
+            for name in entry.hostnames:
+                target.add(name, entry.key.get_name(), entry.key)
+        if self.skipped:
+            log.warning(
+                "%s: skipped line(s) %s (unreadable, or @cert-authority, which sshbridge "
+                "does not check)",
+                self.path,
+                ", ".join(map(str, self.skipped[:20])),
+            )
+
     def verify(self, sandbox_id: str, host: str, port: int, key: paramiko.PKey) -> None:
         names = [f"[{host}]:{port}", host, sandbox_id] if port != 22 else [host, sandbox_id]
         with self._lock:
+            for name in names:
+                revoked = self._revoked.lookup(name)
+                if revoked is not None and revoked.get(key.get_name()) == key:
+                    raise HostKeyMismatch(
+                        f"sandbox {sandbox_id}: host key {describe(key)} at {host}:{port} is "
+                        f"marked @revoked for {name!r} in {self.path}; it is never accepted",
+                        expected="(not a revoked key)",
+                        actual=describe(key),
+                    )
             for name in names:
                 entry = self._keys.lookup(name)
                 if entry is None:
@@ -98,8 +145,7 @@ class KnownHostsFile(HostKeyPolicy):
                 )
             if self.accept_new:
                 self._keys.add(sandbox_id, key.get_name(), key)
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._keys.save(str(self.path))
+                self._append(sandbox_id, key)
                 return
         raise HostKeyMismatch(
             f"sandbox {sandbox_id}: no host key for {', '.join(names)} in {self.path}; add one, "
@@ -107,6 +153,22 @@ class KnownHostsFile(HostKeyPolicy):
             expected="(none)",
             actual=describe(key),
         )
+
+    def _append(self, name: str, key: paramiko.PKey) -> None:
+        # Appended, never rewritten: the user's other lines (markers, comments) stay.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(f"{name} {key.get_name()} {key.get_base64()}\n")
+
+
+def _entry(line: str, lineno: int) -> paramiko.hostkeys.HostKeyEntry | None:
+    try:
+        entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
+    except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError, TypeError):
+        return None
+    if entry is None or entry.key is None or not entry.hostnames:
+        return None
+    return entry
 
 
 class AcceptAnyHostKey(HostKeyPolicy):

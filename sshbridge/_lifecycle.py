@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +79,8 @@ class SessionManager:
             renew_before = default_renew_before(ttl)
         if isinstance(renew_before, bool) or not isinstance(renew_before, (int, float)):
             raise InvalidArgument("renew_before must be a number of seconds")
+        if not math.isfinite(renew_before):
+            raise InvalidArgument(f"renew_before must be a finite number, got {renew_before!r}")
         if not 0 <= renew_before < ttl:
             raise InvalidArgument(
                 f"renew_before must be >= 0 and below ttl_seconds ({ttl}), got {renew_before}"
@@ -175,7 +178,12 @@ class SessionManager:
                 )
         if link is not None:
             self._link = None
-            self.broker.close_link(link)
+            if link.expired and not link.closed and link.alive and link.busy > 0:
+                # Expired, but the server still carries its commands: let them finish
+                # (drained like a renewal's predecessor) rather than cutting them here.
+                self._retire_locked(link)
+            else:
+                self.broker.close_link(link)
         new = self.broker.open_link()
         if link is not None:
             self.reconnects += 1
@@ -186,7 +194,11 @@ class SessionManager:
     # -- renewal -----------------------------------------------------------------------------
 
     def _start_renewer(self) -> None:
-        if not self.auto_renew or self._thread is not None or self._closed:
+        # The same thread drains retired links, so it runs without auto_renew too once
+        # there is something to drain.
+        if self._thread is not None or self._closed:
+            return
+        if not self.auto_renew and not self._retired:
             return
         self._thread = threading.Thread(
             target=self._run, name=f"sshbridge-renew-{self.broker.sandbox_id}", daemon=True
@@ -199,7 +211,7 @@ class SessionManager:
                 self._drain_retired()
                 link = self._link
                 wait = 1.0
-                if link is not None and not link.closed:
+                if self.auto_renew and link is not None and not link.closed:
                     due = link.expires_monotonic - self.renew_before - time.monotonic()
                     if due <= 0 and self._renew_error is None:
                         self._renew(link)
@@ -320,7 +332,9 @@ class SessionManager:
 
     def _drain_retired(self) -> None:
         with self._lock:
-            done = [lk for lk in self._retired if lk.busy == 0 or lk.expired or lk.closed]
+            # Past expiry a link stays while the server still carries its channels: a
+            # server that does not cut at expiry lets running commands finish.
+            done = [lk for lk in self._retired if lk.closed or lk.busy == 0 or not lk.alive]
             self._retired = [lk for lk in self._retired if lk not in done]
         for link in done:
             self.broker.close_link(link)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,13 @@ import paramiko
 import requests
 
 from . import _jobs, _runner, _sftp, _transfer, _tunnels
-from ._api import DEFAULT_TTL, APIClient, validate_sandbox_id, validate_ttl
+from ._api import (
+    DEFAULT_TTL,
+    APIClient,
+    validate_api_timeout,
+    validate_sandbox_id,
+    validate_ttl,
+)
 from ._broker import SessionBroker
 from ._config import Config
 from ._exceptions import (
@@ -51,8 +58,11 @@ def _release(manager: SessionManager, api: APIClient) -> None:
 def _positive(name: str, value: object, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgument(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise InvalidArgument(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    # NaN compares false with everything: without this check it would retry forever.
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise InvalidArgument(
+            f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
     return float(value)
 
 
@@ -109,6 +119,8 @@ class SandboxSSH:
         else:
             policy = host_key_policy or PinFirstHostKey()
         self.host_key_policy = policy
+        rate_limit_wait = _positive("rate_limit_wait", rate_limit_wait, allow_zero=True)
+        api_timeout = validate_api_timeout(api_timeout)
         self._api = APIClient(
             api_key=api_key,
             base_url=base_url,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -474,3 +475,67 @@ def test_list_sandboxes_reads_a_page(stub: StubServer) -> None:
     assert listed.total == 3 and listed.has_next and listed.sandboxes[0].id == "sbx_1"
     with pytest.raises(InvalidArgument):
         client(stub).list_sandboxes(per_page=0)
+
+
+class DripServer:
+    """Answers every request one byte every ``interval`` seconds, forever (until closed):
+    no single read ever times out, so only a bound on the whole call stops a client."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 1000:
+                if self.stop.wait(self.interval):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_a_dripped_answer_cannot_hold_a_call_past_its_bound() -> None:
+    drip = DripServer()
+    try:
+        api = APIClient(
+            api_key=SECRET_KEY,
+            base_url=f"http://127.0.0.1:{drip.port}",
+            timeout=(0.5, 0.5),
+            max_retries=0,
+        )
+        start = time.monotonic()
+        with pytest.raises(APITimeout, match="no complete answer within 1 s"):
+            api.get_sandbox("sbx_1")
+        assert time.monotonic() - start < 5  # 1 s bound; a drip would go on for minutes
+        api.close()
+    finally:
+        drip.close()
+
+
+@pytest.mark.parametrize(
+    "timeout", [(5,), (0, 0), (-1, -1), (float("nan"), 5), float("inf"), "5", True, (1, 2, 3)]
+)
+def test_api_timeout_is_validated_up_front(timeout: Any) -> None:
+    with pytest.raises(InvalidArgument, match="api_timeout"):
+        APIClient(api_key=SECRET_KEY, base_url="http://127.0.0.1:9", timeout=timeout)

@@ -26,6 +26,7 @@ from sshbridge import (
     SSHSession,
 )
 from sshbridge._lifecycle import default_renew_before
+from sshbridge._link import utcnow
 from sshbridge.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(150)
@@ -357,3 +358,33 @@ def test_unclosed_objects_close_when_collected_and_at_exit(emu: Emulator, tmp_pa
     )
     assert done.returncode == 0 and done.stdout.strip() == b"ran"
     assert emu.open_sessions(sandbox) == []
+
+
+def test_commands_outlive_their_session_on_a_server_that_does_not_cut(emu: Emulator) -> None:
+    """The session expires mid-command; the server keeps the connection, so the command
+    finishes and its result arrives, with and without background renewal."""
+    emu.cut_at_expiry = False
+    sandbox = emu.create_sandbox()
+    with connect(emu, sandbox, ttl_seconds=2) as shell:
+        first = shell.session
+        assert first is not None
+        r = shell.run("sleep 3; echo done", timeout=30)
+        assert (r.exit_code, r.stdout) == (0, "done\n")
+        assert shell.renewals >= 1
+        assert shell.run("echo new").stdout == "new\n"
+        deadline = time.monotonic() + 5
+        while first.session_id in emu.open_sessions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.session_id not in emu.open_sessions()  # DELETEd once drained
+    with connect(emu, sandbox, ttl_seconds=2, auto_renew=False) as shell:
+        old = shell.session
+        assert old is not None
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(shell.run("sleep 3; echo late").stdout))
+        t.start()
+        while shell.session is not None and not shell.session.expires_at < utcnow():
+            time.sleep(0.05)
+        # New work after expiry gets a new session; the old command is not cut for it.
+        assert shell.run("echo fresh").stdout == "fresh\n"
+        t.join(30)
+        assert out == ["late\n"]

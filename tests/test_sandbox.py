@@ -228,6 +228,15 @@ def test_run_rejects_bad_input(shell: SandboxSSH, kwargs: dict[str, object]) -> 
         {"connect_timeout": 0},
         {"max_connections": 0},
         {"keepalive": -1},
+        {"connect_timeout": float("nan")},
+        {"connect_timeout": float("inf")},
+        {"keepalive": float("nan")},
+        {"rate_limit_wait": float("nan")},
+        {"renew_before": float("nan")},
+        {"api_timeout": (5,)},
+        {"api_timeout": (0, 0)},
+        {"api_timeout": (-1, -1)},
+        {"api_timeout": (float("nan"), 5)},
     ],
 )
 def test_constructor_rejects_bad_input(
