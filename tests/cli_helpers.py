@@ -47,8 +47,14 @@ while True:
 
 
 @pytest.fixture(scope="module", params=CONTRACTS)
-def emu(request: pytest.FixtureRequest) -> Iterator[Emulator]:
-    with Emulator(contract=request.param) as emulator:
+def contract(request: pytest.FixtureRequest) -> str:
+    """Module-scoped twin of conftest's ``contract``: one emulator per contract per module."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def emu(contract: str) -> Iterator[Emulator]:
+    with Emulator(contract=contract) as emulator:
         # Many short CLI runs per sandbox: the real 20/min budget is not under test here.
         emulator.rate_limit = (100_000, 60.0)
         yield emulator

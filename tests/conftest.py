@@ -42,7 +42,30 @@ def stub() -> Iterator[StubServer]:
 
 
 # Both session contracts: B ("vm", the provider's service today) and A ("sidecar").
+# Tests of what differs between them (sessions, connections, renewal, explanations) are
+# marked ``contracts`` and run in both; the rest (what a command or a transfer does once
+# connected) runs on contract B only, so the suite stays fast.
 CONTRACTS = ("vm", "sidecar")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "contracts: run in both session contracts")
+    config.addinivalue_line("markers", "one_contract: contract B only, inside a contracts module")
+    config.addinivalue_line("markers", "slow: a soak or scale test (still runs by default)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        sidecar = callspec is not None and callspec.params.get("contract") == "sidecar"
+        wanted = item.get_closest_marker("contracts") is not None
+        excluded = item.get_closest_marker("one_contract") is not None
+        (dropped if sidecar and (not wanted or excluded) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(params=CONTRACTS)

@@ -35,6 +35,7 @@ async def appear(*paths: Path, timeout: float = 10.0) -> list[int]:
     return [int(p.read_text()) for p in paths]
 
 
+@pytest.mark.contracts
 def test_run_put_get_and_files(emu: Emulator, tmp_path: Path) -> None:
     sid = emu.create_sandbox()
     local = tmp_path / "up.bin"
@@ -169,6 +170,7 @@ def test_cancelled_upload_leaves_target_untouched(emu: Emulator, tmp_path: Path)
     asyncio.run(main())
 
 
+@pytest.mark.contracts
 def test_async_fleet_run_errors_and_cancel(emu: Emulator) -> None:
     ids = [emu.create_sandbox() for _ in range(40)]
     stopped = ids[3]

@@ -21,6 +21,7 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     CLI,
     PtyReader,
     cli_env,
+    contract,
     emu,
     one_error_line,
     run_cli,
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.timeout(60)
 # -- exec ------------------------------------------------------------------------------------
 
 
+@pytest.mark.contracts
 def test_exec_streams_output_before_exit_and_passes_status(
     sandbox: str, cli_env: dict[str, str]
 ) -> None:
@@ -112,6 +114,7 @@ def test_exec_stdin_and_timeout(sandbox: str, cli_env: dict[str, str]) -> None:
 # -- cp --------------------------------------------------------------------------------------
 
 
+@pytest.mark.contracts
 def test_cp_file_round_trip(
     emu: Emulator, sandbox: str, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -266,6 +269,7 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+@pytest.mark.contracts
 def test_ssh_through_a_real_terminal(sandbox: str, cli_env: dict[str, str]) -> None:
     master, slave = os.openpty()
     _set_size(slave, 24, 80)
@@ -404,6 +408,7 @@ def test_missing_api_key_is_one_line_naming_the_variable(
     assert b"PRIME_API_KEY" in r.stdout
 
 
+@pytest.mark.contracts
 def test_unknown_sandbox_and_wrong_key(emu: Emulator, cli_env: dict[str, str]) -> None:
     r = run_cli("exec", "sbx_doesnotexist", "--", "true", env=cli_env)
     assert r.returncode == 1
@@ -413,6 +418,7 @@ def test_unknown_sandbox_and_wrong_key(emu: Emulator, cli_env: dict[str, str]) -
     assert "wrong-key" not in one_error_line(r.stderr)
 
 
+@pytest.mark.contracts
 def test_doctor(emu: Emulator, sandbox: str, cli_env: dict[str, str]) -> None:
     r = run_cli("doctor", sandbox, env=cli_env)
     out = r.stdout.decode()

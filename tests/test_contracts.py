@@ -25,7 +25,7 @@ from sshbridge import (
 )
 from sshbridge.emulator import Emulator
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.contracts]
 
 
 @pytest.fixture(params=["vm", "sidecar"])

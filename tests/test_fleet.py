@@ -41,6 +41,7 @@ def creates(emu: Emulator) -> int:
     return sum(c.endpoint == "create_session" for c in emu.api_calls)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_two_hundred_sandboxes_each_result_from_its_own_sandbox(emu: Emulator) -> None:
     ids = [emu.create_sandbox() for _ in range(200)]
@@ -80,6 +81,7 @@ def test_two_hundred_sandboxes_each_result_from_its_own_sandbox(emu: Emulator) -
     assert settle_threads() == []
 
 
+@pytest.mark.contracts
 @pytest.mark.timeout(60)
 def test_max_connections_bounds_open_sessions_at_every_instant(emu: Emulator) -> None:
     ids = [emu.create_sandbox() for _ in range(24)]
@@ -108,6 +110,7 @@ def test_max_connections_bounds_open_sessions_at_every_instant(emu: Emulator) ->
     assert creates(emu) >= 48 - 5
 
 
+@pytest.mark.contracts
 @pytest.mark.timeout(60)
 def test_member_stopped_mid_batch_reports_typed_error_others_finish(emu: Emulator) -> None:
     ids = [emu.create_sandbox() for _ in range(12)]
@@ -142,6 +145,7 @@ def test_member_stopped_mid_batch_reports_typed_error_others_finish(emu: Emulato
     assert settle_threads() == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_members_renew_during_a_long_batch(emu: Emulator) -> None:
     ids = [emu.create_sandbox() for _ in range(8)]
@@ -275,6 +279,7 @@ def test_kill_script_stops_its_target_and_never_itself(emu: Emulator) -> None:
         assert time.monotonic() - started < 5
 
 
+@pytest.mark.contracts
 @pytest.mark.timeout(90)
 def test_dask_executor_spreads_members_across_workers(emu: Emulator, tmp_path: Path) -> None:
     try:

@@ -29,7 +29,7 @@ from sshbridge._lifecycle import default_renew_before
 from sshbridge._link import utcnow
 from sshbridge.emulator import Emulator
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.contracts]
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,8 @@ def test_default_margin_scales_with_ttl() -> None:
     assert 60 / (6 - default_renew_before(6)) < 20
 
 
+@pytest.mark.slow
+@pytest.mark.one_contract
 def test_soak_renewals_under_load(emu: Emulator) -> None:
     sandbox = emu.create_sandbox()
     renewed: list[tuple[str, str]] = []

@@ -27,7 +27,7 @@ if find_sshd() is None:
         "OpenSSH sshd is not installed (apt-get install openssh-server)", allow_module_level=True
     )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.contracts]
 
 
 @pytest.fixture(scope="module")

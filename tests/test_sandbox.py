@@ -65,6 +65,7 @@ def processes_with(needle: str) -> list[int]:
 # -- the main flow ------------------------------------------------------------------------
 
 
+@pytest.mark.contracts
 def test_run_basics(shell: SandboxSSH, emu: Emulator, sandbox: str) -> None:
     r = shell.run("echo out; echo err >&2; exit 3")
     assert (r.exit_code, r.stdout, r.stderr, r.ok) == (3, "out\n", "err\n", False)
@@ -175,6 +176,7 @@ def test_timeout_stops_the_remote_process(shell: SandboxSSH) -> None:
     assert processes_with("sleep 31.4159") == []
 
 
+@pytest.mark.contracts
 def test_channel_cap_opens_more_connections(emu: Emulator, sandbox: str) -> None:
     emu.max_channels_per_connection = 3
     with connect(emu, sandbox) as shell:
@@ -256,6 +258,7 @@ def test_bad_sandbox_id_makes_no_request(emu: Emulator) -> None:
 # -- sandbox states and API errors ---------------------------------------------------------
 
 
+@pytest.mark.contracts
 @pytest.mark.parametrize(
     "status", ["PENDING", "PROVISIONING", "PAUSED", "ERROR", "TERMINATED", "TIMEOUT"]
 )
@@ -266,6 +269,7 @@ def test_not_running_sandbox(emu: Emulator, status: str) -> None:
     assert info.value.status == status and status in str(info.value)
 
 
+@pytest.mark.contracts
 def test_unknown_sandbox_and_bad_key(emu: Emulator, sandbox: str) -> None:
     with pytest.raises(NotFound):
         connect(emu, "sbx_doesnotexist").connect()
@@ -286,6 +290,7 @@ def test_config_from_environment(
 # -- session lifecycle ----------------------------------------------------------------------
 
 
+@pytest.mark.contracts
 def test_exit_deletes_session_on_exception_and_interrupt(emu: Emulator, sandbox: str) -> None:
     with pytest.raises(RuntimeError), connect(emu, sandbox) as shell:
         shell.run("true")
@@ -306,6 +311,7 @@ def test_closed_object_refuses_calls(shell: SandboxSSH) -> None:
     shell.close()  # idempotent
 
 
+@pytest.mark.contracts
 def test_slow_exposure_is_waited_for(emu: Emulator, sandbox: str) -> None:
     emu.exposure_delay = 1.5
     start = time.monotonic()
@@ -315,6 +321,7 @@ def test_slow_exposure_is_waited_for(emu: Emulator, sandbox: str) -> None:
     assert len(emu.sessions) == 1  # retried the connect, not the session
 
 
+@pytest.mark.contracts
 def test_unreachable_exposure_times_out_and_closes_session(emu: Emulator, sandbox: str) -> None:
     emu.exposure_delay = 30
     with pytest.raises(SSHConnectError, match="connect_timeout"):
@@ -322,6 +329,7 @@ def test_unreachable_exposure_times_out_and_closes_session(emu: Emulator, sandbo
     assert emu.open_sessions() == []
 
 
+@pytest.mark.contracts
 def test_reconnects_with_a_new_session_after_expiry(emu: Emulator, sandbox: str) -> None:
     emu.cut_at_expiry = True
     with connect(emu, sandbox, ttl_seconds=2, auto_renew=False) as shell:
@@ -335,6 +343,7 @@ def test_reconnects_with_a_new_session_after_expiry(emu: Emulator, sandbox: str)
     assert len(emu.sessions) == 2
 
 
+@pytest.mark.contracts
 def test_server_error_on_create_is_reported(emu: Emulator, sandbox: str) -> None:
     emu.fail_next(1, 500, endpoint="create_session")
     with pytest.raises(Exception) as info:
@@ -348,6 +357,7 @@ def test_server_error_on_create_is_reported(emu: Emulator, sandbox: str) -> None
 # -- host keys ------------------------------------------------------------------------------
 
 
+@pytest.mark.contracts
 def test_host_key_pinned_across_sessions(emu: Emulator, sandbox: str) -> None:
     emu.cut_at_expiry = True
     with connect(emu, sandbox, ttl_seconds=1) as shell:
@@ -369,6 +379,7 @@ def test_accept_any_is_explicit_opt_in(emu: Emulator, sandbox: str) -> None:
         assert shell.run("echo again").stdout == "again\n"
 
 
+@pytest.mark.contracts
 def test_known_hosts_file(emu: Emulator, sandbox: str, tmp_path: Path) -> None:
     path = tmp_path / "known_hosts"
     with connect(emu, sandbox, host_key_policy=KnownHostsFile(path, accept_new=True)) as shell:
@@ -386,6 +397,7 @@ def test_known_hosts_file(emu: Emulator, sandbox: str, tmp_path: Path) -> None:
 # -- SFTP -------------------------------------------------------------------------------------
 
 
+@pytest.mark.contracts
 def test_put_get_round_trip_odd_names(shell: SandboxSSH, tmp_path: Path) -> None:
     shell.makedirs("dir one")
     for name, size in [("empty", 0), ("one", 1), ('it\'s a "file" ü.bin', 1_000_003)]:
@@ -464,6 +476,7 @@ def test_upload_is_atomic_under_failure(shell: SandboxSSH, tmp_path: Path) -> No
 # -- secrets ---------------------------------------------------------------------------------
 
 
+@pytest.mark.contracts
 def test_no_secret_in_logs_or_reprs(
     emu: Emulator, sandbox: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from cli_helpers import (  # noqa: F401 - fixtures are used by name
     ECHO_SERVER,
+    contract,
     emu,
     forward_threads,
     sandbox,
@@ -53,6 +54,7 @@ def echo(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
         return b"".join(chunks)
 
 
+@pytest.mark.contracts
 def test_many_simultaneous_connections(shell: SandboxSSH, echo_port: int) -> None:
     with shell.forward(echo_port) as port:
         assert 0 < port < 65536
@@ -131,6 +133,7 @@ def test_refused_destination_does_not_end_the_forward(shell: SandboxSSH, echo_po
         assert echo(port, b"still fine") == b"still fine"
 
 
+@pytest.mark.contracts
 def test_forward_survives_a_new_session(shell: SandboxSSH, echo_port: int) -> None:
     with shell.forward(echo_port) as port:
         assert echo(port, b"one") == b"one"
@@ -223,6 +226,7 @@ print(sum(ok), "of", n)
 """
 
 
+@pytest.mark.contracts
 def test_forward_remote_carries_connections_back(
     emu: Emulator, sandbox: str, shell: SandboxSSH
 ) -> None:
