@@ -1,0 +1,307 @@
+"""Wide-area benchmark: sshbridge and the alternatives through an emulated internet link.
+
+Users reach sandboxes tens of milliseconds away, so this puts a userspace latency proxy
+(``latency_proxy.py``: one-way delay, bandwidth cap, handshake round trip) in front of
+BOTH the API and the SSH port, and measures, side by side in one run:
+
+* cold start: ``with SandboxSSH(id)`` to the first ``run("true")`` result (API included),
+  against a raw paramiko connect + exec and OpenSSH ``ssh host true``;
+* warm ``run("true")`` on an open connection, against paramiko, AsyncSSH and OpenSSH
+  ControlMaster;
+* bulk ``put``/``get`` in MB/s and as a fraction of the link, against paramiko and
+  OpenSSH ``sftp``;
+* a tree of small files, against ``rsync -a -e ssh``, OpenSSH ``sftp -r`` and ``scp -r``.
+
+Every figure is also given in round trips (time / rtt). The sandbox is a real OpenSSH
+sshd behind the preamble front of ``tests/sshd_server.py`` (contract B, as the service
+runs today), its sessions minted by the emulator's API in OpenSSH mode; the alternatives
+talk to the same sshd through their own proxy (no preamble, no API)::
+
+    python benchmarks/bench_wan.py                       # 50 ms, 1 Gbit/s
+    python benchmarks/bench_wan.py --rtt-ms 10 --mbit 300
+    python benchmarks/bench_wan.py --quick               # fewer files, smaller bulk
+
+Loopback only; everything it starts is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from bench_common import SSH_BASE_OPTS, log, table, write_keyfile
+from bench_warm import AsyncSSH, OpenSSHMux, Paramiko
+from latency_proxy import LatencyProxy
+from sshd_server import PreambleFront, start_sshd
+
+from sshbridge import SandboxSSH
+from sshbridge.emulator import Emulator, OpenSSHTarget
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.rtt = args.rtt_ms / 1000.0
+        self.bw = args.mbit * 1e6 / 8 if args.mbit else None
+        self.work = work
+        self.rows: dict[str, list[list[str]]] = {}
+        self.sshd = start_sshd(work / "sshd", max_sessions=64)
+        self.key = work / "id_ed25519"
+        self.sshd.add_authorized_key(write_keyfile(self.key))
+        # sshbridge's path: API proxy -> emulator; SSH proxy -> preamble front -> sshd.
+        self.front = PreambleFront((self.sshd.host, self.sshd.port), lambda _: True)
+        self.ssh_link = LatencyProxy((self.front.host, self.front.port), rtt=self.rtt,
+                                     bandwidth=self.bw)
+        target = OpenSSHTarget(self.ssh_link.host, self.ssh_link.port, self.sshd.username,
+                               self.sshd.authorized_keys_file)
+        self.emu = Emulator(openssh=target, contract="vm").start()
+        self.emu.rate_limit = (10_000, 60.0)
+        host, port = self.emu.base_url.rsplit(":", 1)[0].split("//")[1], int(
+            self.emu.base_url.rsplit(":", 1)[1]
+        )
+        self.api_link = LatencyProxy((host, port), rtt=self.rtt, bandwidth=self.bw)
+        self.base_url = f"http://{self.api_link.host}:{self.api_link.port}"
+        self.sid = self.emu.create_sandbox()
+        # The alternatives' path: SSH proxy -> sshd.
+        self.alt_link = LatencyProxy((self.sshd.host, self.sshd.port), rtt=self.rtt,
+                                     bandwidth=self.bw)
+        self.alt = SimpleNamespace(host=self.alt_link.host, port=self.alt_link.port,
+                                   username=self.sshd.username)
+        self.ssh_opts = [*SSH_BASE_OPTS, "-i", str(self.key), "-p", str(self.alt.port)]
+        self.dest = f"{self.sshd.username}@{self.alt.host}"
+
+    def close(self) -> None:
+        for c in (self.api_link, self.emu, self.ssh_link, self.alt_link, self.front):
+            try:
+                c.stop() if hasattr(c, "stop") else c.close()  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - teardown goes on
+                log(f"teardown: {exc}")
+        self.sshd.stop()
+
+    def shell(self) -> SandboxSSH:
+        return SandboxSSH(self.sid, api_key=self.emu.api_key, base_url=self.base_url,
+                          ttl_seconds=900)
+
+    def rt(self, seconds: float) -> str:
+        return f"{seconds / self.rtt:.1f}"
+
+    # -- cold ------------------------------------------------------------------------
+
+    def cold(self) -> None:
+        reps = 3 if self.args.quick else 5
+        times: dict[str, list[float]] = {}
+
+        def sshbridge() -> None:
+            shell = self.shell()
+            shell.connect()
+            shell.run("true", check=True)
+            elapsed = time.perf_counter() - t0
+            shell.close()
+            times.setdefault('sshbridge `with SandboxSSH(id)` -> `run("true")` (API included)',
+                             []).append(elapsed)
+
+        def raw() -> None:
+            c = Paramiko(self.alt, self.key, nodelay=True)
+            c.open()
+            c.cmd()
+            times.setdefault("paramiko connect + exec (NODELAY; no API)", []).append(
+                time.perf_counter() - t0)
+            c.close()
+
+        def openssh() -> None:
+            subprocess.run(["ssh", *self.ssh_opts, self.dest, "true"], check=True,
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+            times.setdefault("OpenSSH `ssh host true` (no API)", []).append(
+                time.perf_counter() - t0)
+
+        for _ in range(reps):
+            for fn in (sshbridge, raw, openssh):
+                t0 = time.perf_counter()
+                fn()
+        rows = [[label, f"{median(v) * 1000:.0f}", self.rt(median(v))] for label, v in times.items()]
+        self.rows["Cold start to the first result"] = rows
+
+    # -- warm ------------------------------------------------------------------------
+
+    def warm(self) -> None:
+        n = 10 if self.args.quick else 20
+        rows = []
+        with self.shell() as shell:
+            for _ in range(3):
+                shell.run("true")
+            samples = []
+            for _ in range(n):
+                t = time.perf_counter()
+                shell.run("true")
+                samples.append(time.perf_counter() - t)
+        rows.append(['sshbridge `run("true")`', f"{median(samples) * 1000:.1f}",
+                     self.rt(median(samples))])
+        tmp = Path(tempfile.mkdtemp(dir=self.work))
+        for client in (Paramiko(self.alt, self.key, nodelay=True), AsyncSSH(self.alt, self.key),
+                       OpenSSHMux(self.alt, self.key, tmp)):
+            client.open()
+            client.loop(3)
+            samples = client.loop(n)
+            client.close()
+            rows.append([client.label, f"{median(samples) * 1000:.1f}", self.rt(median(samples))])
+        self.rows["Warm command"] = rows
+
+    # -- bulk ------------------------------------------------------------------------
+
+    def bulk(self) -> None:
+        size = (16 if self.args.quick else self.args.bulk_mib) * 1024 * 1024
+        src = self.work / "bulk.bin"
+        with open(src, "wb") as fh:
+            fh.write(os.urandom(size))
+        remote = self.sshd.home / "bulk-remote.bin"
+        back = self.work / "bulk-back.bin"
+        link = self.bw or float("nan")
+        rows = []
+
+        def row(label: str, up: float, down: float) -> None:
+            mb_up, mb_down = size / up / 1e6, size / down / 1e6
+            rows.append([label, f"{mb_up:.1f}", f"{mb_down:.1f}",
+                         f"{size / up / link:.0%}", f"{size / down / link:.0%}"])
+
+        with self.shell() as shell:
+            shell.run("true")
+            t = time.perf_counter()
+            shell.put(src, str(remote))
+            up = time.perf_counter() - t
+            t = time.perf_counter()
+            shell.get(str(remote), back)
+            down = time.perf_counter() - t
+        row("sshbridge `put` / `get`", up, down)
+        c = Paramiko(self.alt, self.key, nodelay=True)
+        c.open()
+        sftp = c.ssh.open_sftp()
+        t = time.perf_counter()
+        sftp.put(str(src), str(remote))
+        up = time.perf_counter() - t
+        t = time.perf_counter()
+        sftp.get(str(remote), str(back))
+        down = time.perf_counter() - t
+        sftp.close()
+        c.close()
+        row("paramiko `SFTPClient.put` / `get`", up, down)
+        up = self._sftp_batch(f"put {src} {remote}")
+        down = self._sftp_batch(f"get {remote} {back}")
+        row("OpenSSH `sftp` (connect subtracted)", up, down)
+        self.rows["Bulk transfer"] = rows
+
+    def _sftp_batch(self, command: str) -> float:
+        def run(batch: str) -> float:
+            t = time.perf_counter()
+            subprocess.run(["sftp", *self._sftp_opts(), "-b", "-", self.dest], input=batch.encode(),
+                           check=True, capture_output=True, timeout=600)
+            return time.perf_counter() - t
+
+        base = run("pwd\n")
+        return max(1e-6, run(command + "\n") - base)
+
+    def _sftp_opts(self) -> list[str]:
+        return [*SSH_BASE_OPTS, "-i", str(self.key), "-P", str(self.alt.port)]
+
+    # -- trees -----------------------------------------------------------------------
+
+    def tree(self) -> None:
+        files = 20 if self.args.quick else self.args.files
+        src = self.work / "tree"
+        for i in range(files):
+            d = src / f"d{i % 10}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i}.dat").write_bytes(os.urandom(4096))
+        rows = []
+
+        def fresh(name: str) -> Path:
+            path = self.sshd.home / f"tree-{name}"
+            shutil.rmtree(path, ignore_errors=True)
+            return path
+
+        def timed(label: str, fn: Callable[[], Any]) -> None:
+            t = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t
+            rows.append([label, f"{elapsed:.2f}", self.rt(elapsed)])
+
+        with self.shell() as shell:
+            shell.run("true")
+            dest = fresh("sshbridge")
+            timed(f"sshbridge `put_dir` ({files} x 4 KiB)", lambda: shell.put_dir(src, str(dest)))
+        ssh_cmd = " ".join(["ssh", *self.ssh_opts])
+        dest = fresh("rsync")
+        timed("`rsync -a -e ssh`", lambda: subprocess.run(
+            ["rsync", "-a", "-e", ssh_cmd, f"{src}/", f"{self.dest}:{dest}/"],
+            check=True, capture_output=True, timeout=900))
+        dest = fresh("sftp")
+        timed("OpenSSH `sftp -r` (`put -r`)", lambda: subprocess.run(
+            ["sftp", *self._sftp_opts(), "-b", "-", self.dest],
+            input=f"mkdir {dest}\nput -r {src}/. {dest}\n".encode(),
+            check=True, capture_output=True, timeout=900))
+        dest = fresh("scp")
+        timed("OpenSSH `scp -r`", lambda: subprocess.run(
+            ["scp", *SSH_BASE_OPTS, "-i", str(self.key), "-P", str(self.alt.port), "-r",
+             str(src), f"{self.dest}:{dest}"],
+            check=True, capture_output=True, timeout=900))
+        self.rows["Tree upload"] = rows
+
+    # -- report ----------------------------------------------------------------------
+
+    def report(self) -> str:
+        link = f"{self.args.mbit:g} Mbit/s" if self.args.mbit else "no bandwidth cap"
+        out = [f"## Wide-area link: {self.args.rtt_ms:g} ms round trip, {link}", ""]
+        heads = {
+            "Cold start to the first result": ["client", "ms (median)", "round trips"],
+            "Warm command": ["client", "ms (median)", "round trips"],
+            "Bulk transfer": ["client", "up MB/s", "down MB/s", "up, of link", "down, of link"],
+            "Tree upload": ["client", "seconds", "round trips"],
+        }
+        for name, rows in self.rows.items():
+            out += [f"### {name}", "", *table(heads[name], rows), ""]
+        return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rtt-ms", type=float, default=50.0)
+    ap.add_argument("--mbit", type=float, default=1000.0, help="0: no bandwidth cap")
+    ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--bulk-mib", type=int, default=64)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["cold", "warm", "bulk", "tree"], action="append")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results-wan.md"))
+    args = ap.parse_args()
+    for tool in ("ssh", "sftp", "scp", "rsync"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is needed (apt-get install openssh-client rsync)", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory(prefix="sshbridge-wan-") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            for part in args.only or ["cold", "warm", "bulk", "tree"]:
+                log(f"{part} ...")
+                getattr(bench, part)()
+        finally:
+            bench.close()
+        text = bench.report()
+    print(text)
+    args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
