@@ -132,7 +132,9 @@ class Bench:
             for fn in (sshbridge, raw, openssh):
                 t0 = time.perf_counter()
                 fn()
-        rows = [[label, f"{median(v) * 1000:.0f}", self.rt(median(v))] for label, v in times.items()]
+        rows = [
+            [label, f"{median(v) * 1000:.0f}", self.rt(median(v))] for label, v in times.items()
+        ]
         self.rows["Cold start to the first result"] = rows
 
     # -- warm ------------------------------------------------------------------------

@@ -233,5 +233,6 @@ if __name__ == "__main__":  # a quick self-check: one round trip through a 50 ms
         t = time.perf_counter()
         s.sendall(b"y")
         s.recv(1)
-        print(f"first exchange {first * 1000:.1f} ms, then {(time.perf_counter() - t) * 1000:.1f} ms")
+        again = time.perf_counter() - t
+        print(f"first exchange {first * 1000:.1f} ms, then {again * 1000:.1f} ms")
         s.close()
