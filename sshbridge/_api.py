@@ -72,6 +72,9 @@ _PUBLIC_KEY_RE = re.compile(r"(ssh|ecdsa|sk)-[A-Za-z0-9@._+-]+ [A-Za-z0-9+/=]+( 
 _SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 MAX_TTL = 3600
 DEFAULT_TTL = 900
+# Base URLs of contract-A servers that refused ``public_key`` with a 422: remembered for
+# the process, so renewals and the members of a fleet do not pay that round trip again.
+_REFUSES_PUBLIC_KEY: set[str] = set()
 # A Retry-After longer than this is not waited for: the error goes to the caller.
 MAX_RETRY_AFTER = 30.0
 
@@ -293,8 +296,7 @@ class APIClient:
         self._owns_http = http is None
         self._http.headers["User-Agent"] = f"sshbridge/{__version__}"
         self._redact = _Redactor([self.config.api_key])
-        # Set once a contract-A server refused public_key: later POSTs leave it out.
-        self._omit_public_key = False
+
         # Exposed for tests and tools; each entry: (monotonic time, method, path, status)
         self.calls: deque[tuple[float, str, str, int | None]] = deque(maxlen=1000)
 
@@ -345,7 +347,8 @@ class APIClient:
         (token and gateway: authorize the key with :meth:`authorize_key`) or a plain
         :class:`SSHSession` (already authorized; connect with its preamble). A contract-A
         server that refuses the unknown ``public_key`` field (a 422 naming it, which
-        creates no session) is asked once more without it, and not sent it again.
+        creates no session) is asked once more without it, and is not sent it again by
+        this process.
         """
         sid = validate_sandbox_id(sandbox_id)
         ttl = validate_ttl(ttl_seconds)
@@ -353,16 +356,24 @@ class APIClient:
             not isinstance(public_key, str) or not _PUBLIC_KEY_RE.fullmatch(public_key)
         ):
             raise InvalidArgument("public_key must be an OpenSSH public key line ('ssh-...')")
-        send_key = public_key if not self._omit_public_key else None
+        base = self.config.base_url
+        send_key = public_key if base not in _REFUSES_PUBLIC_KEY else None
         try:
             body = self._post_session(sid, ttl, send_key, budget_wait)
         except RequestValidationError as exc:
             if send_key is None or not _names_field(exc, "public_key"):
                 raise
             log.info("the API does not take public_key in the session POST; asking without it")
-            self._omit_public_key = True
+            _REFUSES_PUBLIC_KEY.add(base)
             body = self._post_session(sid, ttl, None, budget_wait)
-        return self._session_from(sid, body)
+        session = self._session_from(sid, body)
+        if public_key is not None and send_key is None and session.contract == "vm":
+            # A contract-B answer to a POST without the key (the server changed since it
+            # refused public_key): that session has no key of ours. Close it, ask again.
+            _REFUSES_PUBLIC_KEY.discard(base)
+            self.close_ssh_session(sid, session.session_id)
+            session = self._session_from(sid, self._post_session(sid, ttl, public_key, budget_wait))
+        return session
 
     def _post_session(
         self, sid: str, ttl: int, public_key: str | None, budget_wait: float | None

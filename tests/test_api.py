@@ -539,3 +539,23 @@ def test_a_dripped_answer_cannot_hold_a_call_past_its_bound() -> None:
 def test_api_timeout_is_validated_up_front(timeout: Any) -> None:
     with pytest.raises(InvalidArgument, match="api_timeout"):
         APIClient(api_key=SECRET_KEY, base_url="http://127.0.0.1:9", timeout=timeout)
+
+
+def test_a_server_that_stops_refusing_public_key_gets_it_again(stub: StubServer) -> None:
+    refusal = {"errors": [{"param": "public_key", "details": "Extra inputs are not permitted"}]}
+    stub.queue(
+        Answer(422, refusal),
+        Answer(200, session_body()),
+        Answer(200, vm_body()),  # the same URL now speaks contract B
+        Answer(200, {"ok": True}),  # the DELETE of that keyless session
+        Answer(200, vm_body(session_id="sess_keyed")),
+    )
+    api = client(stub)
+    api.create_ssh_session("sbx_1", 60, public_key=PUBLIC)
+    session = api.create_ssh_session("sbx_1", 60, public_key=PUBLIC)
+    assert session.session_id == "sess_keyed"
+    assert [(s.method, s.body) for s in stub.seen[2:]] == [
+        ("POST", {"ttl_seconds": 60}),
+        ("DELETE", None),
+        ("POST", {"public_key": PUBLIC, "ttl_seconds": 60}),
+    ]
