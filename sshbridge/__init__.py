@@ -20,6 +20,7 @@ from ._exceptions import (
     APITimeout,
     AuthenticationError,
     ChannelOpenError,
+    ChannelRequestRefused,
     CommandError,
     CommandTimeout,
     ConfigurationError,
@@ -50,7 +51,7 @@ from ._jobs import Job, JobStatus
 from ._models import ErrorDetail, Sandbox, SandboxList, SidecarSSHSession, SSHSession
 from ._result import CommandResult
 from ._sandbox import SandboxSSH
-from ._sftp import RemoteFile
+from ._sftp import FileAttributesWarning, RemoteFile
 from ._tunnels import LocalForward, RemoteForward
 from ._version import __version__
 
@@ -71,6 +72,7 @@ __all__ = [
     "AsyncSandboxSSH",
     "AuthenticationError",
     "ChannelOpenError",
+    "ChannelRequestRefused",
     "CommandError",
     "CommandResult",
     "CommandTimeout",
@@ -80,6 +82,7 @@ __all__ = [
     "Conflict",
     "ConnectionLost",
     "ErrorDetail",
+    "FileAttributesWarning",
     "Fleet",
     "FleetError",
     "FleetResult",

@@ -4,8 +4,9 @@ No second protocol implementation: every call runs the synchronous :class:`Sandb
 method in a worker thread owned by the object (so closing it leaves no thread behind).
 
 Cancellation: a cancelled ``await shell.run(...)`` stops the remote command before it
-re-raises ``CancelledError``. Each command carries a token in its environment; on cancel
-a second channel kills every process carrying it (TERM, then KILL), and the await only
+re-raises ``CancelledError``. Each command carries a token (``_cancel``); on cancel a
+second channel runs the one kill script through ``_runner.stop_remote``, the same path as
+a ``run()`` timeout (TERM, a short grace, KILL, whole process trees), and the await only
 returns once the worker thread has finished. A cancelled transfer is aborted at its next
 chunk (the atomic put/get leave nothing behind).
 """
@@ -42,9 +43,9 @@ from ._fleet import (
     _Outcome,
     _Progress,
 )
-from ._jobs import Job, JobStatus
+from ._jobs import Job, JobStatus, check_interval
 from ._result import CommandResult
-from ._runner import build_command
+from ._runner import build_command, check_timeout
 from ._sandbox import SandboxSSH
 
 log = logging.getLogger("sshbridge.async")
@@ -194,6 +195,7 @@ class AsyncSandboxSSH:
     ) -> CommandResult:
         """As :meth:`SandboxSSH.run`; cancelling the awaiting task stops the command."""
         build_command(command, cwd=cwd, env=env)
+        check_timeout(timeout)
         if self._shell.closed:
             raise InvalidArgument(f"{self!r} is closed; create a new one")
         ctl = _Control()
@@ -330,6 +332,8 @@ class AsyncJob:
 
     async def wait(self, timeout: float | None = None, poll_interval: float = 0.2) -> CommandResult:
         """Wait for the job to end (polling without holding a thread between polls)."""
+        timeout = check_timeout(timeout)
+        poll_interval = check_interval(poll_interval)
         # Job.wait itself sleeps in its thread; polling here keeps cancellation prompt.
         loop = asyncio.get_running_loop()
         start = loop.time()

@@ -28,6 +28,7 @@ can catch at whatever level they care about::
     │   ├── ConnectionLost                     an established connection dropped
     │   │   └── SessionExpired                 ... because the session's life ended
     │   ├── ChannelOpenError                   the server refused a new channel
+    │   │   └── ChannelRequestRefused          ... or a request on it (exec, pty-req): never started
     │   └── PortForwardError                   the server refused a port forward
     ├── CommandError                           a command exited non-zero under check=True (.result)
     │   └── CommandTimeout                     a command ran past its timeout (also TimeoutError)
@@ -53,6 +54,7 @@ __all__ = [
     "APITimeout",
     "AuthenticationError",
     "ChannelOpenError",
+    "ChannelRequestRefused",
     "CommandError",
     "CommandTimeout",
     "ConfigurationError",
@@ -261,3 +263,13 @@ class RemotePathError(SSHBridgeError, OSError):
     @property
     def is_not_found(self) -> bool:
         return self.errno == _errno.ENOENT
+
+
+class ChannelRequestRefused(ChannelOpenError):
+    """The channel opened, but the server answered a request on it (``exec``, ``pty-req``)
+    with a failure: the connection is fine and the command never started. ``request``
+    names the refused request."""
+
+    def __init__(self, message: str, *, request: str) -> None:
+        super().__init__(message)
+        self.request = request

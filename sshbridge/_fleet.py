@@ -19,7 +19,6 @@ import io
 import logging
 import os
 import pickle
-import secrets
 import stat as stat_mod
 import tempfile
 import threading
@@ -31,6 +30,9 @@ from pathlib import Path
 from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 from ._api import validate_sandbox_id
+from ._cancel import CANCEL_VAR as CANCEL_VAR  # re-exported: the one token variable
+from ._cancel import kill_script as kill_script  # re-exported: the one kill script
+from ._cancel import new_token
 from ._exceptions import (
     CommandError,
     InvalidArgument,
@@ -39,7 +41,7 @@ from ._exceptions import (
 )
 from ._hostkeys import PinFirstHostKey
 from ._result import CommandResult
-from ._runner import build_command
+from ._runner import build_command, check_timeout, stop_remote
 from ._sandbox import SandboxSSH
 
 log = logging.getLogger("sshbridge.fleet")
@@ -52,9 +54,6 @@ ProgressCallback: TypeAlias = "Callable[[int, int, str], None]"
 ProgressArg: TypeAlias = "bool | ProgressCallback | None"
 PathArg: TypeAlias = "str | os.PathLike[str]"
 
-# Exported into every command a fleet (or AsyncSandboxSSH) runs, so that the command can
-# be found and stopped from another channel or even another session of the same sandbox.
-CANCEL_VAR = "SSHBRIDGE_CANCEL_ID"
 DEFAULT_MAX_CONNECTIONS = 64
 
 
@@ -167,30 +166,12 @@ class _Interrupted(SSHBridgeError):
     """Raised inside a member call that was cancelled before or while it ran."""
 
 
-def kill_script(token: str, grace: float = 0.3) -> str:
-    """Shell that stops every process of one cancellable call: TERM, then KILL.
-
-    A process belongs to the call if its environment carries the token (everything the
-    command started) or its command line does (the shell that runs the command: its own
-    environment predates the ``export``). The killer must never match itself: the needle
-    is split in this script's text and reaches grep on stdin, not in its arguments.
-    """
-    if not token.isalnum():
-        raise InvalidArgument("cancel token must be alphanumeric")
-    return (
-        f'm={CANCEL_VAR}=""{token}; me=$$; for s in TERM KILL; do for f in $(printf '
-        "'%s\\n' \"$m\" | grep -lFf - /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null); "
-        'do p=${f#/proc/}; p=${p%%/*}; [ "$p" = "$me" ] || kill -s $s "$p" 2>/dev/null; '
-        f'done; [ "$s" = TERM ] && sleep {grace}; done; true'
-    )
-
-
 class _Control:
     """Cancellation of one member call: a token exported into its command, an event its
     transfer callbacks check, and a way to kill the command by token."""
 
     def __init__(self, token: str | None = None) -> None:
-        self.token = token or secrets.token_hex(8)
+        self.token = token or new_token()
         self.event = threading.Event()
         self.killer: Callable[[str], None] | None = None
 
@@ -237,9 +218,10 @@ class _Control:
 
 
 def _kill_on(shell: SandboxSSH) -> Callable[[str], None]:
+    # The same stop as a run() timeout: _runner.stop_remote, the one kill path.
     def kill(token: str) -> None:
         if not shell.closed:
-            shell.run(kill_script(token), timeout=10)
+            stop_remote(shell._manager.source(), token)
 
     return kill
 
@@ -250,7 +232,7 @@ def _kill_elsewhere(sandbox_id: str, options: Mapping[str, Any]) -> Callable[[st
     def kill(token: str) -> None:
         shell = SandboxSSH(sandbox_id, **options)
         try:
-            shell.run(kill_script(token), timeout=10)
+            stop_remote(shell._manager.source(), token)
         finally:
             shell.close()
 
@@ -846,6 +828,7 @@ class Fleet:
             commands = {sid: command(sid) for sid in self._select(sandboxes)}
         else:
             commands = dict.fromkeys(self._select(sandboxes), command)
+        check_timeout(timeout)
         for sid, cmd in commands.items():
             try:
                 build_command(cmd, cwd=cwd, env=env)

@@ -254,6 +254,18 @@ class Link:
 
         chan.close = close  # type: ignore[method-assign]
 
+        def note_refusal() -> bool:
+            # The server refused a request (exec, pty-req) on this open channel: like a
+            # refused open, the connection counts as full at its other channels' load
+            # for a moment, so the retry goes elsewhere. True if it carries others.
+            with self._lock:
+                others = max(0, conn.channels - (0 if done[0] else 1))
+                conn.full_at = others
+                conn.refused_until = time.monotonic() + REFUSAL_MEMORY
+            return others > 0
+
+        chan.sshbridge_note_refusal = note_refusal  # type: ignore[attr-defined]
+
     # -- SFTP pool -----------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -10,28 +10,57 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
+import math
 import re
-import secrets
 import selectors
 import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import paramiko
-from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.common import MSG_CHANNEL_FAILURE, cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
-from ._exceptions import CommandError, CommandTimeout, ConnectionLost, InvalidArgument
+from ._cancel import CANCEL_VAR, kill_script, split_token
+from ._exceptions import (
+    ChannelRequestRefused,
+    CommandError,
+    CommandTimeout,
+    ConnectionLost,
+    InvalidArgument,
+)
 from ._result import CommandResult
 
 log = logging.getLogger("sshbridge.run")
 
 OutputCallback = Callable[[str], None]
-RUN_MARKER = "SSHBRIDGE_RUN_ID"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _READ = 1 << 20
+# The terminal's EOF character (VEOF, Ctrl-D): on a pty, the channel's EOF never reaches
+# the command, since sshd cannot half-close a terminal.
+_VEOF = b"\x04"
+# A refused exec/pty request is retried this long at most (like a refused channel open).
+REQUEST_RETRY_TIMEOUT = 30.0
+# How long stop_remote waits for its kill script (TERM, grace, KILL: well under a second).
+STOP_TIMEOUT = 10.0
+
+
+def check_timeout(value: object, name: str = "timeout") -> float | None:
+    """None, or a finite positive number of seconds; anything else is refused up front."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidArgument(
+            f"{name} must be a finite positive number of seconds (or None), got {value!r}"
+        )
+    return float(value)
 
 
 class ChannelSource(Protocol):
@@ -76,7 +105,7 @@ def build_command(
     lines: list[str] = []
     exports: list[str] = []
     if marker:
-        exports.append(f"{RUN_MARKER}={marker}")
+        exports.append(f"{CANCEL_VAR}={marker}")
     if env is not None:
         if not isinstance(env, Mapping):
             raise InvalidArgument("env must be a mapping of names to string values")
@@ -93,20 +122,11 @@ def build_command(
     if cwd is not None:
         if not isinstance(cwd, str) or not cwd or "\x00" in cwd:
             raise InvalidArgument("cwd must be a non-empty path string")
-        lines.append(f"cd -- {shlex.quote(cwd)} || exit 125")
+        # `cd -- -` still means $OLDPWD: a leading '-' is always a path here.
+        path = "./" + cwd if cwd.startswith("-") else cwd
+        lines.append(f"cd -- {shlex.quote(path)} || exit 125")
     lines.append(display)
     return display, "\n".join(lines)
-
-
-def kill_script(marker: str, grace: float = 0.3) -> str:
-    """Shell that signals every process carrying the run marker in its environment."""
-    needle = shlex.quote(f"{RUN_MARKER}={marker}")
-    return (
-        f"m={needle}; for s in TERM KILL; do "
-        'for f in $(grep -lF "$m" /proc/[0-9]*/environ 2>/dev/null); do '
-        'p=${f#/proc/}; kill -s $s "${p%/environ}" 2>/dev/null; done; '
-        f'[ "$s" = TERM ] && sleep {grace}; done; true'
-    )
 
 
 def send_eof(chan: paramiko.Channel) -> None:
@@ -190,6 +210,110 @@ def _feed_input(chan: paramiko.Channel, data: bytes) -> None:
         send_eof(chan)
 
 
+def pty_input(data: bytes) -> bytes:
+    """What a pty channel is sent for ``data``: the data, then the terminal's EOF.
+
+    A Ctrl-D at the start of a line is EOF; after a partial line it hands that line over
+    without a newline, and a second one is then EOF. So the command reads ``data``
+    exactly, then EOF, as on the non-pty path (nothing added, and Ctrl-D is not echoed).
+    """
+    if not data or data.endswith((b"\n", b"\r")):
+        return data + _VEOF
+    return data + _VEOF + _VEOF
+
+
+# -- refused requests ------------------------------------------------------------------
+
+
+def _refusal_noted(chan: paramiko.Channel, m: Message) -> None:
+    chan._sshbridge_refused = True  # type: ignore[attr-defined]
+    _CHANNEL_FAILURE(chan, m)
+
+
+# paramiko's channel handler table is private (typeshed omits it): reached via getattr.
+_HANDLERS: dict[int, Any] = getattr(paramiko.Transport, "_channel_handler_table", {})
+_CHANNEL_FAILURE: Any = _HANDLERS.get(MSG_CHANNEL_FAILURE)
+
+
+def _watch_refusals(transport: paramiko.Transport | None) -> None:
+    """Let this transport mark a channel whose request got a failure reply.
+
+    paramiko reports that reply (MSG_CHANNEL_FAILURE) like a channel closed by the
+    server, "Channel closed.", so without this a refused exec looks like a lost
+    connection. paramiko looks its channel handlers up on the instance: a per-transport
+    copy of the table with one handler wrapped.
+    """
+    if transport is None or _CHANNEL_FAILURE is None:
+        return
+    if "_channel_handler_table" in vars(transport):
+        return
+    table = dict(getattr(type(transport), "_channel_handler_table", _HANDLERS))
+    table[MSG_CHANNEL_FAILURE] = _refusal_noted
+    setattr(transport, "_channel_handler_table", table)  # noqa: B010 - private, untyped
+
+
+def start_command(
+    source: ChannelSource,
+    wire: str,
+    display: str,
+    *,
+    pty: bool = False,
+    term: str = "xterm",
+    size: tuple[int, int] = (80, 24),
+    deadline: float | None = None,
+) -> paramiko.Channel:
+    """A channel running ``wire``. A refused request is retried like a refused open.
+
+    The server's failure reply to ``pty-req`` or ``exec`` proves the command never
+    started, so it is safe to try again: the connection counts as full at its load (as
+    after a refused open) and the next channel goes to another connection, or a new
+    one. A refusal on a connection that carries nothing else of ours cannot be about
+    load, so it is reported at once instead of being retried to the deadline.
+    """
+    first = time.monotonic()
+    limit = first + REQUEST_RETRY_TIMEOUT
+    if deadline is not None:
+        limit = min(limit, deadline)
+    delay = 0.01
+    while True:
+        chan = source.open_channel()
+        transport = chan.get_transport()
+        _watch_refusals(transport)
+        what = "pty-req" if pty else "exec"
+        try:
+            if pty:
+                chan.get_pty(term=term, width=size[0], height=size[1])
+            what = "exec"
+            chan.exec_command(wire)
+            return chan
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            refused = getattr(chan, "_sshbridge_refused", False)
+            alive = transport is not None and transport.is_active()
+            # The link counts the connection as full (see Link._track); True when it
+            # carries other channels, i.e. the refusal may be about load.
+            note = getattr(chan, "sshbridge_note_refusal", None)
+            busy = bool(note()) if refused and alive and callable(note) else False
+            chan.close()
+            if not (refused and alive):
+                raise source.lost_error(f"starting {_short(display)} failed: {exc}") from None
+        except BaseException:
+            chan.close()
+            raise
+        if not busy or time.monotonic() >= limit:
+            raise ChannelRequestRefused(
+                f"the server refused the {what!r} request for {_short(display)} (the "
+                "connection is fine; the command never started)"
+                + (f"; still refused after {time.monotonic() - first:.1f} s" if busy else ""),
+                request=what,
+            )
+        log.debug("%s refused on a busy connection; retrying elsewhere", what)
+        time.sleep(min(delay, max(0.0, limit - time.monotonic())))
+        delay = min(delay * 2, 0.25)
+
+
+# -- running ---------------------------------------------------------------------------
+
+
 def execute(
     source: ChannelSource,
     command: str | Sequence[str],
@@ -207,10 +331,7 @@ def execute(
     line_buffered: bool = False,
     encoding: str = "utf-8",
 ) -> CommandResult:
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-    ):
-        raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+    timeout = check_timeout(timeout)
     if input is not None and not isinstance(input, (str, bytes, bytearray)):
         raise InvalidArgument("input must be str or bytes")
     for name, cb in (("on_stdout", on_stdout), ("on_stderr", on_stderr)):
@@ -220,31 +341,39 @@ def execute(
         codecs.lookup(encoding)
     except LookupError:
         raise InvalidArgument(f"unknown encoding {encoding!r}") from None
-    marker = secrets.token_hex(8)
-    display, wire = build_command(command, cwd=cwd, env=env, marker=marker)
+    # The call's cancel token: a Fleet's or AsyncSandboxSSH's own when given, so that
+    # their cancellation and this timeout stop the same processes.
+    token, env = split_token(env)
+    display, wire = build_command(command, cwd=cwd, env=env, marker=token)
     data = input.encode(encoding) if isinstance(input, str) else bytes(input or b"")
+    if pty:
+        data = pty_input(data)
 
     start = time.monotonic()
-    deadline = None if timeout is None else start + float(timeout)
-    chan = source.open_channel()
+    deadline = None if timeout is None else start + timeout
+    try:
+        chan = start_command(
+            source, wire, display, pty=pty, term=term, size=size, deadline=deadline
+        )
+    except BaseException as exc:
+        # Refused (never started) or the connection is gone: nothing to stop. But Ctrl-C
+        # during the exec round trip: the server may have started it already.
+        if not isinstance(exc, Exception):
+            with contextlib.suppress(BaseException):
+                stop_remote(source, token)
+        raise
     out = _Stream(on_stdout, line_buffered, encoding)
     err = _Stream(on_stderr, line_buffered, encoding)
     feeder: threading.Thread | None = None
     sel: selectors.BaseSelector | None = None
     finished = False
     try:
-        try:
-            if pty:
-                chan.get_pty(term=term, width=size[0], height=size[1])
-            chan.exec_command(wire)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise source.lost_error(f"starting {display!r} failed: {exc}") from None
         if data:
             feeder = threading.Thread(
                 target=_feed_input, args=(chan, data), name="sshbridge-stdin", daemon=True
             )
             feeder.start()
-        elif not pty:
+        else:
             # Like `ssh -n`: a command that reads stdin sees EOF instead of hanging.
             send_eof(chan)
         sel = selectors.DefaultSelector()
@@ -284,13 +413,18 @@ def execute(
                     break
         duration = time.monotonic() - start
         if timed_out:
-            _stop_remote(source, chan, marker)
+            stopped = stop_remote(source, token, chan=chan)
             result = CommandResult(
                 display, -1, out.finish(), err.finish(), duration, encoding=encoding
             )
+            how = (
+                "it was stopped on the sandbox"
+                if stopped
+                else "stopping it on the sandbox failed, so it may still run"
+            )
             raise CommandTimeout(
-                f"command {_short(display)} did not finish within {timeout:g} s; it was "
-                "stopped on the sandbox (use spawn() for long-running work, or raise timeout)",
+                f"command {_short(display)} did not finish within {timeout:g} s; {how} "
+                "(use spawn() for long-running work, or raise timeout)",
                 result=result,
                 timeout=float(timeout or 0),
             )
@@ -310,7 +444,7 @@ def execute(
         if not finished and not chan.closed:
             # Interrupted (Ctrl-C, callback error, lost link): don't leave it running.
             with contextlib.suppress(BaseException):  # cleanup must not mask the cause
-                _stop_remote(source, chan, marker)
+                stop_remote(source, token, chan=chan)
         raise
     finally:
         if sel is not None:
@@ -341,25 +475,41 @@ def _connection_going_down(chan: paramiko.Channel, grace: float = 0.3) -> bool:
         time.sleep(0.02)
 
 
-def _stop_remote(source: ChannelSource, chan: paramiko.Channel, marker: str) -> None:
-    """Stop a command for real: a signal request, then a kill by marker, then close."""
-    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-        send_signal(chan, "TERM")
+def stop_remote(
+    source: ChannelSource,
+    token: str,
+    *,
+    chan: paramiko.Channel | None = None,
+    timeout: float = STOP_TIMEOUT,
+) -> bool:
+    """THE way a command is stopped: run() timeouts, Ctrl-C in run(), asyncio and Fleet
+    cancellation all come here.
+
+    An RFC 4254 signal request on the command's own channel (if given; best effort, not
+    every server honours it), then the kill script (``_cancel.kill_script``: TERM, grace,
+    KILL, whole trees, by token) on a channel of its own. True if the script ran to its
+    end. The command's channel is closed afterwards.
+    """
     try:
-        killer = source.open_channel()
-    except Exception:
-        log.debug("could not open a channel to stop a command", exc_info=True)
-        chan.close()
-        return
-    try:
-        killer.settimeout(5.0)
-        killer.exec_command(kill_script(marker))
-        killer.status_event.wait(5.0)
-    except (OSError, EOFError, paramiko.SSHException):
-        log.debug("stopping a command by marker failed", exc_info=True)
+        if chan is not None:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                send_signal(chan, "TERM")
+        script = kill_script(token)
+        try:
+            killer = start_command(
+                source, script, "the kill script", deadline=time.monotonic() + timeout
+            )
+        except Exception:  # reported to the caller as "did not run"
+            log.debug("could not start the kill script", exc_info=True)
+            return False
+        try:
+            send_eof(killer)
+            return killer.status_event.wait(timeout) and killer.exit_status == 0
+        finally:
+            killer.close()
     finally:
-        killer.close()
-        chan.close()
+        if chan is not None:
+            chan.close()
 
 
 def _short(text: str, limit: int = 80) -> str:

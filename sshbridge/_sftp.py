@@ -9,7 +9,11 @@ import io
 import logging
 import os
 import posixpath
+import re
 import stat as stat_mod
+import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -23,6 +27,21 @@ log = logging.getLogger("sshbridge.sftp")
 
 CHUNK = 1 << 20
 ProgressCallback = Any  # Callable[[int, int], None]; kept loose for paramiko's callback
+
+# A temporary upload file of sshbridge's naming (temp_name with resume=False) this old
+# (by the server's clock) has no writer left: any live upload rewrites it far more often.
+STALE_AGE = 3600.0
+_TEMP_NAME = re.compile(r"\..+\.sshbridge-[0-9a-f]{8}\.part", re.DOTALL)
+# How long a failed upload waits for its temporary file to be removed over a fresh
+# connection when its own is gone; past that the removal carries on in the background
+# and, failing that, happens at the next put into that directory.
+CLEANUP_WAIT = 5.0
+_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY})
+
+
+class FileAttributesWarning(UserWarning):
+    """A transfer landed, but the server did not set some attribute asked for (a mode,
+    times); the message names the files and the server's answer."""
 
 
 class SFTPSource(Protocol):
@@ -44,7 +63,10 @@ def check_remote_path(path: object, what: str = "remote path") -> str:
 def _remote_error(exc: BaseException, path: str, action: str) -> RemotePathError:
     code = getattr(exc, "errno", None)
     if isinstance(exc, paramiko.SFTPError) or code is None:
-        text = str(exc) or type(exc).__name__
+        # paramiko reports a refusal that came without a message as a bare OSError.
+        text = str(exc) or (
+            f"refused by the SFTP server, which gave no reason ({type(exc).__name__})"
+        )
     else:
         text = os.strerror(code) if code else str(exc)
     hint = ""
@@ -61,6 +83,7 @@ _LINK_ERRORS = (ConnectionError, TimeoutError)
 
 @contextlib.contextmanager
 def _mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFTPClient]:
+    # Errors are translated, and chained to what the server or the socket said.
     try:
         with source.sftp() as client:
             yield client
@@ -68,12 +91,12 @@ def _mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFT
         raise
     except (EOFError, paramiko.SSHException) as exc:
         if isinstance(exc, paramiko.SFTPError):
-            raise _remote_error(exc, path, action) from None
-        raise source.lost_error(f"during {action} {path!r}") from None
+            raise _remote_error(exc, path, action) from exc
+        raise source.lost_error(f"during {action} {path!r}") from exc
     except OSError as exc:
         if isinstance(exc, _LINK_ERRORS):
-            raise source.lost_error(f"during {action} {path!r}") from None
-        raise _remote_error(exc, path, action) from None
+            raise source.lost_error(f"during {action} {path!r}") from exc
+        raise _remote_error(exc, path, action) from exc
 
 
 def _is_dir(client: paramiko.SFTPClient, path: str) -> bool:
@@ -89,32 +112,203 @@ def _target_for_put(client: paramiko.SFTPClient, local: Path, remote: str) -> st
     return remote
 
 
-def _rename_into_place(client: paramiko.SFTPClient, tmp: str, target: str) -> None:
-    try:
-        client.posix_rename(tmp, target)  # atomic replace (posix-rename@openssh.com)
-        return
-    except OSError:
-        pass
-    # No extension: SFTPv3 rename refuses an existing target, so make room first. The
-    # target is briefly absent (never partial); the README documents this fallback.
-    try:
-        client.rename(tmp, target)
-        return
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        client.remove(target)
-    client.rename(tmp, target)
-
-
 def _quiet_close(fh: paramiko.SFTPFile) -> None:
     with contextlib.suppress(Exception):
         fh.close()
 
 
-def _quiet_remove(client: paramiko.SFTPClient, path: str) -> None:
-    with contextlib.suppress(Exception):
+# -- after a failure: the upload's own client, or a fresh one ------------------------------
+
+
+def _usable(client: paramiko.SFTPClient) -> bool:
+    chan = client.get_channel()
+    return chan is not None and not chan.closed and chan.get_transport().is_active()
+
+
+def _on_fresh(
+    source: SFTPSource, what: str, work: Callable[[paramiko.SFTPClient], None]
+) -> bool:
+    """Run ``work`` on a new SFTP client (a new channel, or a reconnect) when the one in
+    hand is gone (a cut, or a Ctrl-C that closed the channel mid-send). Waits at most
+    CLEANUP_WAIT; True if it finished. Never raises (but a KeyboardInterrupt)."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            with source.sftp() as fresh:
+                work(fresh)
+            done.set()
+        except Exception as exc:  # noqa: BLE001 - reported by the False it leads to
+            log.debug("could not %s on a fresh connection: %s", what, exc)
+
+    worker = threading.Thread(target=run, name="sshbridge-sftp-cleanup", daemon=True)
+    worker.start()
+    worker.join(CLEANUP_WAIT)
+    return done.is_set()
+
+
+# (sandbox, temporary path) of files a failed upload in this process could not remove:
+# their writer is provably gone, so the next upload into that directory removes them.
+_abandoned: set[tuple[str, str]] = set()
+# Directories already swept for stale temporaries, per connection.
+_swept: weakref.WeakKeyDictionary[paramiko.Transport, set[str]] = weakref.WeakKeyDictionary()
+_leftover_lock = threading.Lock()
+
+
+def _owner(source: SFTPSource) -> str:
+    """The sandbox ``source`` reaches (a Link, or a call source holding one)."""
+    for obj in (source, getattr(source, "link", None)):
+        sandbox_id = getattr(obj, "sandbox_id", None)
+        if isinstance(sandbox_id, str):
+            return sandbox_id
+    return ""
+
+
+def _forget(key: tuple[str, str]) -> None:
+    with _leftover_lock:
+        _abandoned.discard(key)
+
+
+def _remove(client: paramiko.SFTPClient, path: str) -> None:
+    try:
         client.remove(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+def _discard(source: SFTPSource, client: paramiko.SFTPClient, path: str) -> None:
+    """Remove a file of ours (a temporary upload file) after a failure, whatever the
+    failure was: on the upload's own client if it still works, else on a fresh one.
+    Until it is gone it stays on record for the next upload into that directory.
+    Never raises (but a KeyboardInterrupt)."""
+    key = (_owner(source), path)
+    with _leftover_lock:
+        _abandoned.add(key)
+    if _usable(client):
+        try:
+            _remove(client, path)
+            _forget(key)
+            return
+        except Exception as exc:  # noqa: BLE001 - refused, or the channel broke just now
+            # A refusal is an answer: the connection works and a retry would be refused
+            # too. Anything else (EOF, a reset) may come before the transport notices it
+            # is dead, so the fresh client below gets its turn.
+            if isinstance(exc, OSError) and exc.errno in _REFUSALS:
+                log.debug("could not remove %r: %s", path, exc)
+                return
+    if _on_fresh(source, f"remove {path!r}", lambda fresh: _remove(fresh, path)):
+        _forget(key)
+
+
+def _restore(source: SFTPSource, client: paramiko.SFTPClient, aside: str, target: str) -> None:
+    """Put the old target back after the new one failed to take its place."""
+
+    def back(c: paramiko.SFTPClient) -> None:
+        try:
+            c.lstat(target)
+            return  # something is there now: leave it, and the old copy, alone
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        c.rename(aside, target)
+
+    if _usable(client):
+        try:
+            back(client)
+            return
+        except Exception as exc:  # noqa: BLE001 - reported below; the caller raises its own
+            if _usable(client):
+                log.warning("upload to %r failed and the previous file could not be put "
+                            "back (%s); it is kept as %r", target, exc, aside)
+                return
+    if not _on_fresh(source, f"restore {target!r}", back):
+        log.warning("upload to %r failed midway; the previous file is kept as %r",
+                    target, aside)
+
+
+def _rename_into_place(
+    source: SFTPSource, client: paramiko.SFTPClient, tmp: str, target: str
+) -> None:
+    """Rename ``tmp`` over ``target``.
+
+    posix-rename@openssh.com replaces atomically. Without it, SFTPv3's RENAME refuses
+    an existing target, so the old file is renamed aside first (``.NAME.sshbridge-XXXX
+    .old``) and back if the second rename fails: the target is briefly absent, never
+    partial, and its old content is not lost.
+    """
+    try:
+        _transfer.posix_rename(client, tmp, target)
+        return
+    except _transfer.SFTPStatusError as exc:
+        if exc.errno in (errno.ENOENT, errno.EACCES):
+            raise  # no other way round those
+        refused: OSError = exc  # unsupported here, or refused: try the plain way
+    try:
+        client.rename(tmp, target)
+        return
+    except OSError as exc:
+        refused = exc
+    try:
+        existing = client.lstat(target)
+    except OSError:
+        raise refused from None  # no target in the way: the rename failed for itself
+    if stat_mod.S_ISDIR(existing.st_mode or 0):
+        raise refused  # never move a directory aside for a file
+    aside = _transfer.temp_name(target, resume=False).removesuffix(".part") + ".old"
+    client.rename(target, aside)
+    try:
+        client.rename(tmp, target)
+    except BaseException:
+        _restore(source, client, aside, target)
+        raise
+    # The new file is in place: the old copy is garbage, removed now or at the next put.
+    _discard(source, client, aside)
+
+
+def _tidy(
+    source: SFTPSource, client: paramiko.SFTPClient, directory: str, server_now: float | None
+) -> None:
+    """After an upload: remove what failed uploads of this process left in ``directory``
+    and, once per connection and directory, sshbridge temporaries older than STALE_AGE
+    (``server_now`` is the server's clock: the mtime of the file just written).
+
+    Only random-tag names match; a resumable partial (``.NAME.sshbridge.part``) is
+    never touched. Best effort: the upload has landed whatever happens here.
+    """
+    owner = _owner(source)
+    try:
+        with _leftover_lock:
+            mine = [p for o, p in _abandoned if o == owner and posixpath.dirname(p) == directory]
+        for path in mine:
+            try:
+                client.remove(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    continue
+            _forget((owner, path))
+        transport = _transfer.transport_of(client)
+        if server_now is None or transport is None:
+            return
+        with _leftover_lock:
+            seen = _swept.setdefault(transport, set())
+            if directory in seen:
+                return
+            seen.add(directory)
+        for attrs in client.listdir_attr(directory or "."):
+            if (
+                _TEMP_NAME.fullmatch(attrs.filename)
+                and stat_mod.S_ISREG(attrs.st_mode or 0)
+                and attrs.st_mtime is not None
+                and server_now - attrs.st_mtime >= STALE_AGE
+            ):
+                with contextlib.suppress(OSError):
+                    client.remove(posixpath.join(directory, attrs.filename))
+    except Exception as exc:  # noqa: BLE001
+        log.debug("tidying %r after an upload failed: %s", directory, exc)
+
+
+# -- uploads ------------------------------------------------------------------------------
 
 
 def _partial_size(client: paramiko.SFTPClient, tmp: str, limit: int) -> int:
@@ -151,6 +345,27 @@ def _verify_remote(
         )
 
 
+def _create_mode(mode: int) -> int:
+    # The temporary file starts with the permission bits asked for (the server's umask
+    # applies), writable by its owner so that a kept partial can be resumed; SETSTAT
+    # then sets the exact mode where the server allows it.
+    return (mode & 0o777) | 0o600
+
+
+def _apply_mode(
+    client: paramiko.SFTPClient, path: str, mode: int, attrs: paramiko.SFTPAttributes,
+    notes: list[str],
+) -> None:
+    have = None if attrs.st_mode is None else stat_mod.S_IMODE(attrs.st_mode)
+    if have == mode:
+        return  # the create mode was enough: no SETSTAT needed
+    try:
+        _transfer.setstat(client, path, mode=mode)
+    except _transfer.SFTPStatusError as exc:
+        now = "unknown" if have is None else f"{have:04o}"
+        notes.append(f"mode {mode:04o} not set, the file has {now} ({exc})")
+
+
 def put(
     source: SFTPSource,
     local: str | os.PathLike[str],
@@ -166,8 +381,32 @@ def put(
     The data goes to a hidden sibling first and is renamed over the target only once
     its size (and with ``verify="sha256"`` its checksum, computed on the sandbox)
     matches. With ``resume=True`` the sibling is named after the target and kept when
-    the upload fails, so the next ``resume=True`` call sends only the rest.
+    the upload fails, so the next ``resume=True`` call sends only the rest. A mode the
+    server would not set is reported as a ``FileAttributesWarning``; the file lands.
     """
+    notes: list[str] = []
+    target = upload_file(source, local, remote, preserve_mode=preserve_mode, callback=callback,
+                         verify=verify, resume=resume, notes=notes, sweep=True)
+    if notes:
+        warnings.warn(_transfer.attributes_warning(f"upload to {target!r}", notes),
+                      FileAttributesWarning, stacklevel=3)
+    return target
+
+
+def upload_file(
+    source: SFTPSource,
+    local: str | os.PathLike[str],
+    remote: str,
+    *,
+    preserve_mode: bool,
+    callback: ProgressCallback | None,
+    verify: _transfer.Verify,
+    resume: bool = False,
+    notes: list[str],
+    sweep: bool = False,
+) -> str:
+    """``put`` without the warning: attributes not set are added to ``notes``.
+    ``sweep`` also looks for stale temporaries in the target's directory."""
     if not isinstance(local, (str, os.PathLike)):
         raise InvalidArgument("local path must be a str or os.PathLike")
     verify = _transfer.check_verify(verify)
@@ -189,7 +428,10 @@ def put(
                 start = _partial_size(client, tmp, size) if resume else 0
                 discard = not resume
                 try:
-                    fh = client.open(tmp, "r+b" if start else "wb")
+                    fh = _transfer.open_for_upload(
+                        client, tmp, resume=bool(start),
+                        mode=_create_mode(mode) if preserve_mode else None,
+                    )
                     try:
                         fl.seek(start)
                         stats = _transfer.upload(
@@ -201,7 +443,8 @@ def put(
                         raise
                     fh.close()
                     discard = True  # a complete partial that fails a check is bad
-                    written = client.stat(tmp).st_size
+                    attrs = client.stat(tmp)
+                    written = attrs.st_size
                     if written != size or stats.end != size:
                         raise RemotePathError(
                             f"upload to {target!r}: the sandbox has {written} bytes but the "
@@ -213,12 +456,17 @@ def put(
                         _verify_remote(source, tmp, lambda: _transfer.local_sha256(local_path),
                                        size, f"upload to {target!r}", target)
                     if preserve_mode:
-                        client.chmod(tmp, mode)
-                    _rename_into_place(client, tmp, target)
+                        _apply_mode(client, tmp, mode, attrs, notes)
+                    _rename_into_place(source, client, tmp, target)
                 except BaseException:
                     if discard:
-                        _quiet_remove(client, tmp)
+                        _discard(source, client, tmp)
                     raise
+                # The temporary file's mtime is the server's "now", unless nothing was
+                # written to a kept partial.
+                fresh = stats.sent > 0 or not start
+                _tidy(source, client, posixpath.dirname(target),
+                      attrs.st_mtime if sweep and fresh else None)
         except _transfer.LocalError as exc:
             raise exc.original from None
     return target
@@ -240,11 +488,14 @@ def putfo(
         raise InvalidArgument("fileobj must be a readable binary file object")
     hasher = hashlib.sha256() if verify == "sha256" else None
     read_into = _reader(fileobj, hasher)
+    notes: list[str] = []
     try:
         with _mapped(source, remote, "upload to") as client:
             tmp = _transfer.temp_name(remote, resume=False)
             try:
-                fh = client.open(tmp, "wb")
+                fh = _transfer.open_for_upload(
+                    client, tmp, resume=False, mode=None if mode is None else _create_mode(mode)
+                )
                 try:
                     stats = _transfer.upload(
                         client, _transfer.handle_of(fh), read_into, progress=callback
@@ -253,7 +504,8 @@ def putfo(
                     _quiet_close(fh)
                     raise
                 fh.close()
-                written = client.stat(tmp).st_size
+                attrs = client.stat(tmp)
+                written = attrs.st_size
                 if written != stats.end:
                     raise RemotePathError(
                         f"upload to {remote!r}: the sandbox has {written} bytes of the "
@@ -265,13 +517,17 @@ def putfo(
                     _verify_remote(source, tmp, lambda: digest, stats.end,
                                    f"upload to {remote!r}", remote)
                 if mode is not None:
-                    client.chmod(tmp, mode)
-                _rename_into_place(client, tmp, remote)
+                    _apply_mode(client, tmp, stat_mod.S_IMODE(mode), attrs, notes)
+                _rename_into_place(source, client, tmp, remote)
             except BaseException:
-                _quiet_remove(client, tmp)
+                _discard(source, client, tmp)
                 raise
+            _tidy(source, client, posixpath.dirname(remote), attrs.st_mtime)
     except _transfer.LocalError as exc:
         raise exc.original from None
+    if notes:
+        warnings.warn(_transfer.attributes_warning(f"upload to {remote!r}", notes),
+                      FileAttributesWarning, stacklevel=3)
     return remote
 
 
@@ -301,6 +557,9 @@ def _reader(
     return read_into
 
 
+# -- downloads ----------------------------------------------------------------------------
+
+
 def _local_open(path: Path, resume: bool) -> tuple[int, int]:
     """The local partial file to download into, and how much of it to keep."""
     flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -317,6 +576,37 @@ def _local_open(path: Path, resume: bool) -> tuple[int, int]:
     return fd, st.st_size if resume else 0
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat_mod.S_ISDIR, "directory"),
+        (stat_mod.S_ISFIFO, "FIFO"),
+        (stat_mod.S_ISCHR, "character device"),
+        (stat_mod.S_ISBLK, "block device"),
+        (stat_mod.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _streams_into(path: Path) -> str | None:
+    """What kind of existing non-regular file ``path`` is, if it is one get() writes
+    into directly (a FIFO, a character device such as /dev/null) rather than replace;
+    None for a regular file or nothing. Anything else is refused."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # absent (or a dangling link): a new regular file goes there
+    if stat_mod.S_ISREG(mode):
+        return None
+    if stat_mod.S_ISFIFO(mode) or stat_mod.S_ISCHR(mode):
+        return _file_kind(mode)
+    raise InvalidArgument(
+        f"local path {str(path)!r} is a {_file_kind(mode)}; downloads write regular "
+        "files, or stream into a FIFO or character device, and never replace one"
+    )
+
+
 def get(
     source: SFTPSource,
     remote: str,
@@ -331,8 +621,27 @@ def get(
 
     With ``resume=True`` the partial file (``.NAME.sshbridge.part`` next to ``local``)
     is kept when the download fails, and the next ``resume=True`` call fetches only the
-    rest. ``verify="sha256"`` also compares checksums (hashed on the sandbox).
+    rest. ``verify="sha256"`` also compares checksums (hashed on the sandbox). Modes
+    keep the permission bits only (no setuid, setgid or sticky bit, as OpenSSH's sftp).
+    A ``local`` that is a FIFO or a character device (``/dev/null``) is written into
+    as the data arrives, never replaced; its own mode is left alone.
     """
+    return download_file(source, remote, local, preserve_mode=preserve_mode,
+                         callback=callback, verify=verify, resume=resume, streams=True)
+
+
+def download_file(
+    source: SFTPSource,
+    remote: str,
+    local: str | os.PathLike[str],
+    *,
+    preserve_mode: bool,
+    callback: ProgressCallback | None,
+    verify: _transfer.Verify,
+    resume: bool = False,
+    streams: bool,
+) -> Path:
+    """``get``; with ``streams=False`` a local FIFO or device is refused, not written."""
     remote = check_remote_path(remote)
     verify = _transfer.check_verify(verify)
     if not isinstance(local, (str, os.PathLike)):
@@ -342,6 +651,23 @@ def get(
         local_path = local_path / posixpath.basename(remote.rstrip("/"))
     if not local_path.parent.is_dir():
         raise InvalidArgument(f"local directory {str(local_path.parent)!r} does not exist")
+    special = _streams_into(local_path)
+    if special is not None:
+        if not streams or resume:
+            raise InvalidArgument(
+                f"local path {str(local_path)!r} is a {special}: "
+                + ("get_dir writes regular files only" if not streams else
+                   "resume=True needs a regular file")
+            )
+
+        def open_stream() -> IO[bytes]:
+            # No O_CREAT, no O_TRUNC: write into the node that is there. A FIFO's
+            # open waits for a reader, as a shell redirection does.
+            fd = os.open(local_path, os.O_WRONLY | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+            return os.fdopen(fd, "wb", buffering=0)
+
+        _receive(source, remote, open_stream, callback=callback, verify=verify, close=True)
+        return local_path
     tmp = local_path.parent / _transfer.temp_name(local_path.name, resume=resume)
     fd, start = _local_open(tmp, resume)
     discard = not resume
@@ -377,7 +703,9 @@ def get(
                 _verify_remote(source, remote, lambda: _transfer.local_sha256(tmp), size,
                                f"download of {remote!r}", remote)
             if preserve_mode and attrs.st_mode is not None:
-                os.fchmod(fd, stat_mod.S_IMODE(attrs.st_mode))
+                # Permission bits only: a setuid, setgid or sticky bit from the sandbox
+                # is not carried onto this machine (OpenSSH's sftp masks them too).
+                os.fchmod(fd, stat_mod.S_IMODE(attrs.st_mode) & 0o777)
         os.close(fd)
         fd = -1
         os.replace(tmp, local_path)
@@ -407,10 +735,24 @@ def getfo(
 
     Data is written as it arrives, so a failure can leave part of the file written.
     """
+    return _receive(source, remote, lambda: fileobj, callback=callback, verify=verify,
+                    close=False)
+
+
+def _receive(
+    source: SFTPSource,
+    remote: str,
+    open_sink: Callable[[], IO[bytes]],
+    *,
+    callback: ProgressCallback | None,
+    verify: _transfer.Verify,
+    close: bool,
+) -> int:
+    """Stream ``remote`` in file order into what ``open_sink`` opens once the remote file
+    is open (a FIFO then waits for its reader); ``close`` closes it afterwards."""
     remote = check_remote_path(remote)
     verify = _transfer.check_verify(verify)
     hasher = hashlib.sha256() if verify == "sha256" else None
-    sink = _transfer.StreamSink(fileobj, hasher=hasher)
     try:
         with _mapped(source, remote, "download") as client:
             attrs = client.stat(remote)
@@ -419,9 +761,22 @@ def getfo(
             size = attrs.st_size or 0
             fh = client.open(remote, "rb")
             try:
-                stats = _transfer.download(
-                    client, _transfer.handle_of(fh), sink, size=size, progress=callback, path=remote
-                )
+                try:
+                    stream = open_sink()
+                except OSError as exc:
+                    raise _transfer.LocalError(exc) from None
+                try:
+                    sink = _transfer.StreamSink(stream, hasher=hasher)
+                    stats = _transfer.download(
+                        client, _transfer.handle_of(fh), sink, size=size, progress=callback,
+                        path=remote,
+                    )
+                finally:
+                    if close:
+                        try:
+                            stream.close()
+                        except OSError as exc:
+                            raise _transfer.LocalError(exc) from None
             except BaseException:
                 _quiet_close(fh)
                 raise
@@ -439,6 +794,9 @@ def getfo(
     except _transfer.LocalError as exc:
         raise exc.original from None
     return stats.sent
+
+
+# -- small calls --------------------------------------------------------------------------
 
 
 def listdir(source: SFTPSource, path: str = ".") -> list[str]:

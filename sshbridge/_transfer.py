@@ -27,6 +27,7 @@ import stat as stat_mod
 import struct
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,12 +41,21 @@ from paramiko.sftp import (
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
+    CMD_HANDLE,
+    CMD_OPEN,
     CMD_READ,
+    CMD_SETSTAT,
     CMD_STATUS,
     CMD_WRITE,
+    SFTP_DESC,
     SFTP_EOF,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_READ,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_WRITE,
     SFTP_NO_SUCH_FILE,
     SFTP_OK,
+    SFTP_OP_UNSUPPORTED,
     SFTP_PERMISSION_DENIED,
 )
 
@@ -55,6 +65,7 @@ __all__ = [
     "FdSink",
     "Limits",
     "LocalError",
+    "SFTPStatusError",
     "StreamSink",
     "TransferStats",
     "Verify",
@@ -124,13 +135,25 @@ class TransferStats:
     seconds: float
 
 
-def _status_error(code: int, text: str) -> OSError:
-    # Same shapes as paramiko's _convert_status, so callers map both alike.
+class SFTPStatusError(OSError):
+    """A STATUS answer that is not OK; ``code`` is the SFTP status number."""
+
+    code: int = 0
+
+
+def _status_error(code: int, text: str) -> SFTPStatusError:
+    # Same shapes as paramiko's _convert_status (errno for the two it maps), so callers
+    # map both alike; never an empty message, whatever the server sent.
+    name = SFTP_DESC[code] if 0 <= code < len(SFTP_DESC) else "unknown status"
+    message = text or f"{name} (SFTP status {code}, no message from the server)"
     if code == SFTP_NO_SUCH_FILE:
-        return OSError(errno.ENOENT, text or "No such file")
-    if code == SFTP_PERMISSION_DENIED:
-        return OSError(errno.EACCES, text or "Permission denied")
-    return OSError(text or f"SFTP status {code}")
+        exc = SFTPStatusError(errno.ENOENT, message)
+    elif code == SFTP_PERMISSION_DENIED:
+        exc = SFTPStatusError(errno.EACCES, message)
+    else:
+        exc = SFTPStatusError(message)
+    exc.code = code
+    return exc
 
 
 def _status(body: memoryview) -> tuple[int, str]:
@@ -468,6 +491,121 @@ def handle_of(fh: paramiko.SFTPFile) -> bytes:
     if not isinstance(handle, bytes):
         raise TypeError(f"unexpected SFTP handle type {type(handle).__name__}")
     return handle
+
+
+# -- single requests --------------------------------------------------------------------
+# A few requests go on the wire here rather than through paramiko, which turns a refusal
+# into a bare OSError (with no text when the server sent none) and drops the status code:
+# callers need the code to tell "not supported by this server" from a real refusal.
+
+_ATTR_PERMISSIONS = 0x4
+_ATTR_ACMODTIME = 0x8
+
+
+def _string(value: str | bytes) -> bytes:
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return _U32.pack(len(data)) + data
+
+
+def _attrs(mode: int | None = None, times: tuple[float, float] | None = None) -> bytes:
+    flags, body = 0, b""
+    if mode is not None:
+        flags |= _ATTR_PERMISSIONS
+        body += _U32.pack(mode & 0o7777)
+    if times is not None:
+        flags |= _ATTR_ACMODTIME
+        body += struct.pack(">II", int(times[0]) & 0xFFFFFFFF, int(times[1]) & 0xFFFFFFFF)
+    return _U32.pack(flags) + body
+
+
+def request(client: paramiko.SFTPClient, kind: int, payload: bytes) -> tuple[int, bytes]:
+    """Send one request and return its answer as (packet type, body after the id)."""
+    wire = _Wire(client)
+    rid = wire.next_id()
+    wire.send(_HDR.pack(5 + len(payload), kind, rid) + payload, (rid, (0, 0)))
+    try:
+        reply = wire.reply()
+    except BaseException:
+        wire.settle()
+        raise
+    assert reply is not None
+    answer, _span, body = reply
+    return answer, bytes(body)
+
+
+def _raise_status(answer: int, body: bytes, what: str) -> None:
+    if answer != CMD_STATUS:
+        raise OSError(f"SFTP server answered {what} with packet type {answer}")
+    code, text = _status(memoryview(body))
+    if code != SFTP_OK:
+        raise _status_error(code, text)
+
+
+# Connections whose server answered OP_UNSUPPORTED: not asked again (a tree of files
+# on such a server would pay a round trip per file for the same answer).
+_unsupported: dict[str, weakref.WeakSet[paramiko.Transport]] = {
+    "setstat": weakref.WeakSet(),
+    "posix-rename": weakref.WeakSet(),
+}
+
+
+def _status_request(client: paramiko.SFTPClient, what: str, kind: int, payload: bytes) -> None:
+    transport = transport_of(client)
+    known = _unsupported[what]
+    if transport is not None and transport in known:
+        raise _status_error(
+            SFTP_OP_UNSUPPORTED,
+            f"Operation unsupported (SFTP status {SFTP_OP_UNSUPPORTED}: this server refused "
+            f"{what} earlier on this connection)",
+        )
+    answer, body = request(client, kind, payload)
+    try:
+        _raise_status(answer, body, what)
+    except SFTPStatusError as exc:
+        if exc.code == SFTP_OP_UNSUPPORTED and transport is not None:
+            known.add(transport)
+        raise
+
+
+def setstat(
+    client: paramiko.SFTPClient,
+    path: str,
+    *,
+    mode: int | None = None,
+    times: tuple[float, float] | None = None,
+) -> None:
+    """SETSTAT the mode and/or times in one request; SFTPStatusError if refused."""
+    _status_request(client, "setstat", CMD_SETSTAT, _string(path) + _attrs(mode, times))
+
+
+def posix_rename(client: paramiko.SFTPClient, old: str, new: str) -> None:
+    """posix-rename@openssh.com; SFTPStatusError (code OP_UNSUPPORTED) where it is missing."""
+    payload = _string("posix-rename@openssh.com") + _string(old) + _string(new)
+    _status_request(client, "posix-rename", CMD_EXTENDED, payload)
+
+
+def open_for_upload(
+    client: paramiko.SFTPClient, path: str, *, resume: bool, mode: int | None
+) -> paramiko.SFTPFile:
+    """Open ``path`` for writing: a new or truncated file created with ``mode`` (the
+    server's umask applies), or with ``resume`` the kept partial, which must exist (a
+    vanished partial must not come back as an empty file to write past)."""
+    if resume:
+        flags = SFTP_FLAG_READ | SFTP_FLAG_WRITE
+    else:
+        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+    payload = _string(path) + _U32.pack(flags) + _attrs(None if resume else mode)
+    answer, body = request(client, CMD_OPEN, payload)
+    if answer != CMD_HANDLE:
+        _raise_status(answer, body, "an OPEN")
+        raise OSError("SFTP server answered an OPEN with an OK status and no handle")
+    n = _U32.unpack_from(body, 0)[0]
+    return paramiko.SFTPFile(client, body[4 : 4 + n], "r+b" if resume else "wb")
+
+
+def transport_of(client: paramiko.SFTPClient) -> paramiko.Transport | None:
+    chan = client.get_channel()
+    return None if chan is None else chan.get_transport()
 
 
 def temp_name(target: str, *, resume: bool) -> str:
@@ -808,6 +946,111 @@ class _TreeProgress:
         self.base += size
 
 
+SymlinkOrder = Literal["openssh", "draft"]
+_symlink_orders: weakref.WeakKeyDictionary[paramiko.Transport, SymlinkOrder] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _is_link(client: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        return stat_mod.S_ISLNK(client.lstat(path).st_mode or 0)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+
+
+def symlink_order(client: paramiko.SFTPClient, directory: str) -> SymlinkOrder:
+    """How this server reads SYMLINK's two paths, probed once per connection.
+
+    OpenSSH's sftp-server takes (target, link), the reverse of the SFTP draft's
+    (linkpath, targetpath); paramiko and AsyncSSH servers follow OpenSSH for clients
+    like ours, servers written to the draft do not. Guessing wrong makes the link at
+    the target's path, possibly outside the tree. The probe sends two fresh names
+    inside ``directory`` and looks which one became a link; nothing else is touched.
+    """
+    transport = transport_of(client)
+    cached = _symlink_orders.get(transport) if transport is not None else None
+    if cached is not None:
+        return cached
+    tag = secrets.token_hex(4)
+    first = posixpath.join(directory, f".sshbridge-probe-{tag}-1")
+    second = posixpath.join(directory, f".sshbridge-probe-{tag}-2")
+    client.symlink(first, second)  # paramiko sends its two arguments in this order
+    try:
+        order: SymlinkOrder
+        if _is_link(client, second):
+            order = "openssh"  # a link at the second path, reading the first
+        elif _is_link(client, first):
+            order = "draft"
+        else:
+            raise OSError("the SFTP server answered SYMLINK with OK but made no link")
+    finally:
+        for probe in (first, second):
+            with contextlib.suppress(OSError):  # the one never made is absent
+                client.remove(probe)
+    if transport is not None:
+        _symlink_orders[transport] = order
+    return order
+
+
+def make_symlink(client: paramiko.SFTPClient, link_to: str, path: str, directory: str) -> None:
+    """Make the link ``path`` -> ``link_to`` in the server's SYMLINK order, then check it
+    with readlink; anything else it made is removed and the call fails."""
+    order = symlink_order(client, directory)
+    with contextlib.suppress(OSError):
+        client.remove(path)  # replaces a file or link; a directory stays and SYMLINK fails
+    if order == "openssh":
+        client.symlink(link_to, path)
+    else:
+        client.symlink(path, link_to)
+    try:
+        made: str | None = client.readlink(path)
+    except OSError:
+        made = None
+    if made == link_to:
+        return
+    # Not what was asked. Take away what this request can have made: a link at ``path``,
+    # or, read the other way round, a link at ``link_to`` that reads ``path``.
+    with contextlib.suppress(OSError):
+        if _is_link(client, path):
+            client.remove(path)
+    with contextlib.suppress(OSError):
+        if client.readlink(link_to) == path:
+            client.remove(link_to)
+    raise RemotePathError(
+        f"create link {path!r} -> {link_to!r}: the server's SYMLINK did not make that link "
+        f"(readlink gives {made!r}); whatever it made was removed",
+        path=path,
+    )
+
+
+def _set_attrs(
+    client: paramiko.SFTPClient,
+    path: str,
+    notes: list[str],
+    *,
+    mode: int | None = None,
+    times: tuple[float, float] | None = None,
+) -> None:
+    """SETSTAT, noting a refusal instead of failing: the data is in place either way."""
+    try:
+        setstat(client, path, mode=mode, times=times)
+    except SFTPStatusError as exc:
+        if times is None and mode is not None:
+            with contextlib.suppress(OSError):  # already right (say, from mkdir): no news
+                if stat_mod.S_IMODE(client.stat(path).st_mode or 0) == mode:
+                    return
+        what = "mode" if times is None else "times" if mode is None else "mode and times"
+        notes.append(f"{what} of {path!r} not set ({exc})")
+
+
+def attributes_warning(what: str, notes: list[str]) -> str:
+    shown = "; ".join(notes[:3]) + (f"; and {len(notes) - 3} more" if len(notes) > 3 else "")
+    return f"{what}: the server did not set every attribute: {shown}"
+
+
 def put_dir(
     source: SFTPSource,
     local_dir: str | os.PathLike[str],
@@ -821,9 +1064,11 @@ def put_dir(
     """Upload a local tree into ``remote_dir`` (created if missing); returns the files.
 
     Each file is atomic (see ``put``), the tree is not: a failure leaves the files done
-    so far. Empty directories are created; modes and mtimes are kept when asked.
+    so far. Empty directories are created; modes and mtimes are kept when asked (a
+    server that refuses them gets one ``FileAttributesWarning`` for the tree).
     Symbolic links are recreated as links with the same target text, never followed,
-    so a link out of the tree does not upload what it points to. Other special files
+    so a link out of the tree does not upload what it points to; each link is made in
+    the server's own SYMLINK argument order and read back. Other special files
     (sockets, FIFOs, devices) are skipped.
     """
     from . import _sftp  # _sftp imports this module
@@ -849,25 +1094,26 @@ def put_dir(
     progress = _TreeProgress(sum(st.st_size for k, _, st in plan if k == "file"), callback)
     _sftp.makedirs(source, remote_dir)
     written: list[str] = []
+    notes: list[str] = []
     for kind, rel, st in plan:
         target = f"{remote_dir}/{rel}"
         if kind == "dir":
-            _sftp.makedirs(source, target)
+            # Created with its own permission bits (owner rwx kept, so the tree can be
+            # filled): on a server without SETSTAT that is what it keeps.
+            mode = (stat_mod.S_IMODE(st.st_mode) & 0o777) | 0o700 if preserve_mode else 0o755
+            _sftp.makedirs(source, target, mode=mode)
         elif kind == "file":
-            _sftp.put(source, root / rel, target, preserve_mode=preserve_mode,
-                      callback=progress.file(), verify=verify)
+            _sftp.upload_file(source, root / rel, target, preserve_mode=preserve_mode,
+                              callback=progress.file(), verify=verify, notes=notes)
             progress.finished(st.st_size)
             written.append(target)
             if preserve_times:
                 with _sftp._mapped(source, target, "set times of") as client:
-                    client.utime(target, (st.st_atime, st.st_mtime))
+                    _set_attrs(client, target, notes, times=(st.st_atime, st.st_mtime))
         else:
             link_to = os.readlink(root / rel)
             with _sftp._mapped(source, target, "create link") as client:
-                with contextlib.suppress(OSError):
-                    client.remove(target)
-                # OpenSSH takes SYMLINK's arguments as (target, link); paramiko matches it.
-                client.symlink(link_to, target)
+                make_symlink(client, link_to, target, remote_dir)
     # Directories last, deepest first: adding entries changed their mtimes.
     with _sftp._mapped(source, remote_dir, "set attributes in") as client:
         for kind, rel, st in reversed(plan):
@@ -875,9 +1121,12 @@ def put_dir(
                 continue
             target = f"{remote_dir}/{rel}"
             if preserve_mode:
-                client.chmod(target, stat_mod.S_IMODE(st.st_mode))
+                _set_attrs(client, target, notes, mode=stat_mod.S_IMODE(st.st_mode))
             if preserve_times:
-                client.utime(target, (st.st_atime, st.st_mtime))
+                _set_attrs(client, target, notes, times=(st.st_atime, st.st_mtime))
+    if notes:
+        warnings.warn(attributes_warning(f"put_dir into {remote_dir!r}", notes),
+                      _sftp.FileAttributesWarning, stacklevel=3)
     return written
 
 
@@ -894,9 +1143,11 @@ def get_dir(
     """Download the tree at ``remote_dir`` into ``local_dir`` (created if missing).
 
     The mirror of ``put_dir``: files atomic one by one, empty directories kept, modes
-    and mtimes kept when asked, symbolic links recreated as links and never followed.
-    A local directory on the way that is a symbolic link is refused rather than
-    written through, so a link from the sandbox cannot steer files out of the tree.
+    (permission bits only: setuid, setgid and sticky are dropped, as OpenSSH's sftp
+    does) and mtimes kept when asked, symbolic links recreated as links and never
+    followed. A local directory on the way that is a symbolic link is refused rather
+    than written through, so a link from the sandbox cannot steer files out of the
+    tree; so is a local FIFO or device where a file goes.
     """
     from . import _sftp
 
@@ -937,8 +1188,8 @@ def get_dir(
         elif kind == "file":
             if dest.is_symlink():  # get() would follow a link to a directory
                 dest.unlink()
-            _sftp.get(source, f"{remote_dir}/{rel}", dest, preserve_mode=preserve_mode,
-                      callback=progress.file(), verify=verify)
+            _sftp.download_file(source, f"{remote_dir}/{rel}", dest, preserve_mode=preserve_mode,
+                                callback=progress.file(), verify=verify, streams=False)
             progress.finished(attrs.st_size or 0)
             written.append(dest)
             if preserve_times and attrs.st_mtime is not None:
@@ -954,7 +1205,7 @@ def get_dir(
             continue
         dest = root.joinpath(*rel.split("/"))
         if preserve_mode and attrs.st_mode is not None:
-            os.chmod(dest, stat_mod.S_IMODE(attrs.st_mode))
+            os.chmod(dest, stat_mod.S_IMODE(attrs.st_mode) & 0o777)
         if preserve_times and attrs.st_mtime is not None:
             os.utime(dest, (attrs.st_atime or attrs.st_mtime, attrs.st_mtime))
     return written

@@ -655,3 +655,439 @@ def _tail(path: pathlib.Path | None, lines: int) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:]) + "\n"
+
+
+# --------------------------------------------------------------------------- dropbear
+#
+# start_dropbear(tmp_dir) starts Dropbear (2022.83 on Debian 12) the way start_sshd starts
+# sshd: 127.0.0.1 on a free port, foreground (-F -E), a fresh ed25519 host key made by
+# dropbearkey, password logins off (-s), public keys only, for the current user.
+#
+# Where Dropbear looks for keys. It has no option for the authorized_keys location in
+# this version (``dropbear -h`` lists no -D; the path is compiled in as
+# "%s/.ssh/authorized_keys" with %s the login user's passwd home), and it takes HOME for
+# the session from the passwd entry too. So the helper starts Dropbear in a private
+# mount namespace (``unshare --mount``; as a non-root user ``unshare --user
+# --map-current-user --keep-caps --mount``) in which a copy of /etc/passwd, identical
+# but for the current user's home (``<tmp_dir>/home``), is bind-mounted over
+# /etc/passwd. Only Dropbear and the commands it starts see that copy; nothing outside
+# ``tmp_dir`` is written and the real ~/.ssh is never read. Dropbear then reads
+# ``<tmp_dir>/home/.ssh/authorized_keys``, sets HOME to ``<tmp_dir>/home`` and starts
+# there; bash (the login shell, which sources ~/.bashrc for commands from an SSH server)
+# finds the empty rc files of that home. Only the mount table differs: the same file
+# systems, network and process table, and commands run as the current user.
+#
+# expiry-time. Dropbear does not know that option: a line carrying it fails with "Bad
+# public key options at .../authorized_keys:N" and the key is refused. So callers (and
+# the emulator) write ``authorized_keys_file`` (``<tmp_dir>/authorized_keys``), and a
+# small sync thread copies it to the file Dropbear reads, within a few milliseconds of
+# each change, dropping the expiry-time option and every line whose expiry-time has
+# passed (re-checked when the earliest one falls due), so new logins with an expired key
+# fail as they would with sshd. sshbridge retries a refused key while a session is new,
+# which covers the copy's delay; ``add_authorized_key`` and ``sync_keys`` copy at once.
+#
+# SFTP. Dropbear runs the "sftp" subsystem as ``<shell> -c SFTPSERVER_PATH``, a path
+# compiled in (/usr/lib/sftp-server on Debian, a link to OpenSSH's
+# /usr/lib/openssh/sftp-server from openssh-sftp-server). The helper reads the path out of
+# the binary and refuses to start, naming it, when it is missing.
+#
+# stop() kills Dropbear and everything descending from it (each connection is a forked
+# child that calls setsid()).
+
+_DROPBEAR_CANDIDATES = (
+    "/usr/sbin/dropbear",
+    "/usr/local/sbin/dropbear",
+    "/sbin/dropbear",
+    "/usr/bin/dropbear",
+)
+_DROPBEAR_BIND_ERRORS = ("Address already in use", "No listening ports available")
+_KEYS_POLL = 0.005
+_KEY_TYPE_PREFIXES = ("ssh-", "ecdsa-", "sk-")
+
+
+class DropbearStartError(RuntimeError):
+    """Dropbear could not be configured or did not come up."""
+
+
+def find_dropbear() -> str | None:
+    """Absolute path of an executable dropbear server, or None."""
+    for cand in _DROPBEAR_CANDIDATES:
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which("dropbear")
+    return os.path.abspath(found) if found else None
+
+
+def find_dropbearkey(dropbear: str | None = None) -> str | None:
+    """dropbearkey next to ``dropbear`` (or on PATH), or None."""
+    dirs = [os.path.dirname(dropbear)] if dropbear else []
+    dirs += ["/usr/bin", "/usr/local/bin", "/usr/sbin", "/usr/local/sbin"]
+    for d in dirs:
+        cand = os.path.join(d, "dropbearkey")
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which("dropbearkey")
+    return os.path.abspath(found) if found else None
+
+
+def dropbear_sftp_server_path(dropbear: str) -> str | None:
+    """The SFTPSERVER_PATH compiled into the dropbear binary (what it execs for SFTP)."""
+    import re
+
+    try:
+        data = pathlib.Path(dropbear).read_bytes()
+    except OSError:
+        return None
+    match = re.search(rb"\x00(/[A-Za-z0-9_./-]*sftp-server)\x00", data)
+    return match.group(1).decode() if match else None
+
+
+def _expiry_epoch(spec: str) -> float | None:
+    """sshd's expiry-time (YYYYMMDD[HHMM[SS]], local time unless it ends in Z) as a Unix
+    time; None when it cannot be read (sshd refuses such a line)."""
+    from datetime import datetime, timezone
+
+    value = spec.strip('"')
+    utc = value.endswith("Z")
+    digits = value[:-1] if utc else value
+    formats = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
+    if not digits.isdigit() or len(digits) not in formats:
+        return None
+    try:
+        when = datetime.strptime(digits, formats[len(digits)])
+    except ValueError:
+        return None
+    return (when.replace(tzinfo=timezone.utc) if utc else when).timestamp()
+
+
+def _split_key_options(line: str) -> tuple[list[str], str]:
+    """(raw option texts, "type base64 [comment]") of one authorized_keys line."""
+    if line.startswith(_KEY_TYPE_PREFIXES):
+        return [], line
+    options: list[str] = []
+    start, quoted = 0, False
+    for i, c in enumerate(line):
+        if c == '"' and (i == 0 or line[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and c == ",":
+            options.append(line[start:i])
+            start = i + 1
+        elif not quoted and c in " \t":
+            options.append(line[start:i])
+            return options, line[i:].strip()
+    return [*options, line[start:]], ""
+
+
+def dropbear_key_lines(text: str, now: float) -> tuple[list[str], float | None]:
+    """The authorized_keys lines of ``text`` for Dropbear at Unix time ``now``, and the
+    earliest expiry still to come: lines whose expiry-time has passed (or cannot be read)
+    are dropped, the option itself is removed from the others, the rest is kept as is.
+    An unterminated last line (a write in progress) is left for the next pass."""
+    kept: list[str] = []
+    next_expiry: float | None = None
+    for raw in text.splitlines(keepends=True):
+        if not raw.endswith("\n"):
+            break
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        options, rest = _split_key_options(line)
+        if not rest:
+            continue
+        others: list[str] = []
+        expired = False
+        for opt in options:
+            name, _, value = opt.partition("=")
+            if name.strip().lower() != "expiry-time":
+                others.append(opt)
+                continue
+            when = _expiry_epoch(value)
+            if when is None or when <= now:
+                expired = True
+            elif next_expiry is None or when < next_expiry:
+                next_expiry = when
+        if not expired:
+            kept.append((",".join(others) + " " + rest) if others else rest)
+    return kept, next_expiry
+
+
+class _KeySync:
+    """Copies ``source`` to ``dest`` (Dropbear's file) on every change, for Dropbear."""
+
+    def __init__(self, source: pathlib.Path, dest: pathlib.Path) -> None:
+        self.source = source
+        self.dest = dest
+        self.copies = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._seen: tuple[int, int, int] | None = None
+        self._written: str | None = None
+        self._next_expiry: float | None = None
+        self.sync()
+        self._thread = threading.Thread(target=self._loop, name="dropbear-keysync", daemon=True)
+        self._thread.start()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.source)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def sync(self) -> None:
+        with self._lock:
+            signature = self._signature()
+            try:
+                text = self.source.read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                text = ""
+            lines, self._next_expiry = dropbear_key_lines(text, time.time())
+            content = "".join(line + "\n" for line in lines)
+            self._seen = signature
+            if content == self._written:
+                return
+            tmp = self.dest.with_name(self.dest.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(content)
+            os.replace(tmp, self.dest)
+            self._written = content
+            self.copies += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(_KEYS_POLL):
+            due = self._next_expiry is not None and time.time() >= self._next_expiry
+            if due or self._signature() != self._seen:
+                with contextlib.suppress(OSError):
+                    self.sync()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class DropbearServer:
+    host: str
+    port: int
+    username: str
+    # The file to add keys to (the emulator's OpenSSHTarget file); expiry-time allowed.
+    authorized_keys_file: pathlib.Path
+    host_key_public: str
+    home: pathlib.Path
+    # Extras (not needed by most callers).
+    dropbear_keys_file: pathlib.Path | None = None  # <home>/.ssh/authorized_keys
+    sftp_server: str | None = None
+    passwd_file: pathlib.Path | None = None
+    log_file: pathlib.Path | None = None
+    host_key_file: pathlib.Path | None = None
+    version: str = ""
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _sync: _KeySync | None = field(default=None, repr=False)
+
+    def add_authorized_key(self, public_line: str) -> None:
+        """Append one ``[options] type base64 [comment]`` line, in effect at once."""
+        with self.authorized_keys_file.open("a", encoding="utf-8") as fh:
+            fh.write(public_line.strip() + "\n")
+        self.sync_keys()
+
+    def sync_keys(self) -> None:
+        """Copy ``authorized_keys_file`` to Dropbear's file now (the thread does it too)."""
+        if self._sync is not None:
+            self._sync.sync()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_file, lines) if self.log_file else ""
+
+    def stop(self) -> None:
+        """Stop the key sync, Dropbear and the connection processes it forked. Idempotent."""
+        sync, self._sync = self._sync, None
+        if sync is not None:
+            sync.close()
+        proc = self.process
+        if proc is None:
+            return
+        self.process = None
+        children = _descendants(proc.pid) if proc.poll() is None else []
+        _terminate(proc)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while children and time.monotonic() < deadline:
+            children = [p for p in children if _alive(p)]
+            if children:
+                time.sleep(0.02)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> DropbearServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _dropbear_host_key(dropbearkey: str, path: pathlib.Path) -> str:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    made = subprocess.run(
+        [dropbearkey, "-t", "ed25519", "-f", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if made.returncode != 0:
+        raise DropbearStartError(f"dropbearkey failed: {made.stderr.strip() or made.stdout}")
+    os.chmod(path, 0o600)
+    for line in made.stdout.splitlines():
+        if line.startswith("ssh-ed25519 "):
+            return " ".join(line.split()[:2])
+    raise DropbearStartError(f"no public key in dropbearkey's output:\n{made.stdout}")
+
+
+def _passwd_copy(username: str, home: pathlib.Path) -> str:
+    """/etc/passwd with ``username``'s home set to ``home`` and its shell one that
+    /etc/shells allows (Dropbear refuses logins with any other)."""
+    try:
+        shells = {
+            s.strip()
+            for s in pathlib.Path("/etc/shells").read_text().splitlines()
+            if s.strip() and not s.startswith("#")
+        }
+    except OSError:
+        shells = set()
+    entry = pwd.getpwnam(username)
+    shell = entry.pw_shell if entry.pw_shell in shells else "/bin/sh"
+    ours = f"{username}:x:{entry.pw_uid}:{entry.pw_gid}:{entry.pw_gecos}:{home}:{shell}"
+    if ":" in str(home) or "\n" in str(home):
+        raise DropbearStartError(f"cannot put {str(home)!r} in a passwd entry")
+    try:
+        lines = pathlib.Path("/etc/passwd").read_text().splitlines()
+    except OSError:
+        lines = []
+    out = [ln for ln in lines if ln.split(":", 1)[0] != username]
+    # Ours first: getpwnam() returns the first entry with the name.
+    return "\n".join([ours, *out]) + "\n"
+
+
+def start_dropbear(tmp_dir: pathlib.Path, *, extra_args: tuple[str, ...] = ()) -> DropbearServer:
+    """Start Dropbear on 127.0.0.1 for the current user (see the notes above)."""
+    dropbear = find_dropbear()
+    if dropbear is None:
+        raise DropbearStartError("dropbear not found (apt-get install dropbear-bin)")
+    dropbearkey = find_dropbearkey(dropbear)
+    if dropbearkey is None:
+        raise DropbearStartError("dropbearkey not found (apt-get install dropbear-bin)")
+    unshare = shutil.which("unshare") or "/usr/bin/unshare"
+    if not os.access(unshare, os.X_OK):
+        raise DropbearStartError("unshare (util-linux) not found")
+    sftp_server = dropbear_sftp_server_path(dropbear)
+    if sftp_server is None or not os.access(sftp_server, os.X_OK):
+        raise DropbearStartError(
+            f"dropbear runs {sftp_server or 'its SFTPSERVER_PATH'} for SFTP, which is missing"
+            " (apt-get install openssh-sftp-server)"
+        )
+    version_run = subprocess.run(
+        [dropbear, "-V"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+    )
+    version = (version_run.stderr or version_run.stdout).strip().splitlines()[0:1]
+
+    tmp_dir = pathlib.Path(tmp_dir).resolve()
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    username = pwd.getpwuid(os.getuid()).pw_name
+    root = os.geteuid() == 0
+
+    host_key_file = tmp_dir / "dropbear_ed25519_host_key"
+    host_key_public = _dropbear_host_key(dropbearkey, host_key_file)
+
+    home = tmp_dir / "home"
+    home.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(home, 0o755)  # Dropbear refuses keys under a group/other-writable home
+    for name in (".bashrc", ".profile", ".bash_profile", ".bash_login", ".bash_logout"):
+        (home / name).write_text("")
+    (home / ".hushlogin").write_text("")
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(ssh_dir, 0o700)
+
+    authorized_keys = tmp_dir / "authorized_keys"
+    authorized_keys.touch(mode=0o600, exist_ok=True)
+    os.chmod(authorized_keys, 0o600)
+
+    passwd_file = tmp_dir / "passwd"
+    passwd_file.write_text(_passwd_copy(username, home))
+    os.chmod(passwd_file, 0o644)
+
+    log_file = tmp_dir / "dropbear.log"
+    pid_file = tmp_dir / "dropbear.pid"
+    namespace = [unshare, "--mount", "--propagation", "private"]
+    if not root:
+        # The current user stays itself (Dropbear then never changes user or groups),
+        # keeping the namespace's capabilities for the bind mount.
+        namespace[1:1] = ["--user", "--map-current-user", "--keep-caps"]
+    # mount, then exec: Dropbear keeps the pid that Popen knows.
+    inner = 'mount --bind "$1" /etc/passwd || exit 97; shift; exec "$@"'
+
+    sync = _KeySync(authorized_keys, ssh_dir / "authorized_keys")
+    last_error = ""
+    try:
+        for _attempt in range(_BIND_RETRIES):
+            port = _free_port()
+            argv = [
+                *namespace, "--", "/bin/sh", "-c", inner, "sh", str(passwd_file),
+                dropbear, "-F", "-E", "-s", "-p", f"127.0.0.1:{port}",
+                "-r", str(host_key_file), "-P", str(pid_file), *extra_args,
+            ]  # fmt: skip
+            with log_file.open("ab") as log:
+                log.write(f"=== starting dropbear on 127.0.0.1:{port} ===\n".encode())
+                log.flush()
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True
+                )
+            server = DropbearServer(
+                host="127.0.0.1",
+                port=port,
+                username=username,
+                authorized_keys_file=authorized_keys,
+                host_key_public=host_key_public,
+                home=home,
+                dropbear_keys_file=ssh_dir / "authorized_keys",
+                sftp_server=sftp_server,
+                passwd_file=passwd_file,
+                log_file=log_file,
+                host_key_file=host_key_file,
+                version=version[0] if version else "",
+                process=proc,
+            )
+            if _wait_listening(proc, port, _START_TIMEOUT):
+                server._sync = sync
+                return server
+            server.stop()
+            last_error = _tail(log_file, 20)
+            if any(marker in last_error for marker in _DROPBEAR_BIND_ERRORS):
+                continue
+            break
+    except BaseException:
+        sync.close()
+        raise
+    sync.close()
+    hint = ""
+    if proc.returncode == 97 or "unshare" in last_error:
+        hint = "\n(the helper needs a private mount namespace: root, or user namespaces)"
+    raise DropbearStartError(
+        f"dropbear did not start listening on 127.0.0.1 within {_START_TIMEOUT:.0f}s;"
+        f" log tail:\n{last_error}{hint}"
+    )
+
+
+__all__ += [
+    "DropbearServer",
+    "DropbearStartError",
+    "dropbear_key_lines",
+    "find_dropbear",
+    "find_dropbearkey",
+    "start_dropbear",
+]

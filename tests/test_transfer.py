@@ -233,6 +233,32 @@ def test_cut_connection_mid_upload(link: Link, rdir: Path, tmp_path: Path) -> No
     link.connect()
     _sftp.put(link, src, str(rdir / "t.bin"))
     assert (rdir / "t.bin").read_bytes() == src.read_bytes()
+    # The cut left the temporary file where no channel could reach it; its writer is
+    # known to be gone, so the next put into that directory removed it.
+    assert _leftovers(rdir) == []
+
+
+def test_interrupt_that_broke_the_channel_leaves_no_temp(
+    link: Link, rdir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(_payload(8_000_000))
+    with link.sftp() as client:  # the pooled client the put borrows next
+        chan = client.get_channel()
+    assert chan is not None
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= 2_000_000:
+            # A Ctrl-C that lands inside a send leaves the channel's stream out of step,
+            # so the engine closes the channel (see _Wire.settle); then the interrupt.
+            chan.close()
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _sftp.put(link, src, str(rdir / "t.bin"), callback=interrupt)
+    assert chan.closed
+    assert _leftovers(rdir) == [] and not (rdir / "t.bin").exists()
+    assert _sftp.listdir(link, str(rdir)) == []  # the connection is still fine
 
 
 def test_readers_never_see_a_partial_file(link: Link, rdir: Path, tmp_path: Path) -> None:

@@ -568,6 +568,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class APIServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: a fleet's 200 simultaneous connects overflow
+    # it and some are reset, which a real API behind a load balancer would not do.
+    request_queue_size = 1024
     block_on_close = False  # keep-alive handlers are shut down explicitly in close_connections
 
     def __init__(self, emu: Emulator) -> None:

@@ -1,0 +1,112 @@
+"""Stopping a remote command for real: one token, one kill script.
+
+Every command sshbridge runs exports a random token (``SSHBRIDGE_CANCEL_ID=<token>``) in
+its own text. A second channel, or even another session of the same sandbox, can then
+find the command and everything it started, and stop it. This module holds the token
+helpers and the one shell script that does the killing; ``_runner.stop_remote`` is the
+one function that runs it (for ``run()`` timeouts, Ctrl-C during ``run()``, asyncio
+cancellation and ``Fleet`` cancellation alike).
+
+Which processes belong to a command:
+
+- its environment carries the token: every process the command started (the variable
+  is exported), including ones that ``exec`` or double-fork;
+- or its command line does: the command's own shell, whose environment was fixed at
+  exec, before its ``export`` ran (``sh -c '<text with the token>'``);
+- or it descends from one of those: children that scrubbed their environment
+  (``env -i``) and carry the token nowhere.
+
+They get TERM (and CONT, so stopped ones see it), a short grace to exit, then KILL, with
+the tree frozen (STOP) first so that nothing forks between the scan and the kill.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+
+from ._exceptions import InvalidArgument
+
+CANCEL_VAR = "SSHBRIDGE_CANCEL_ID"
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def is_token(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and value.isascii() and value.isalnum()
+
+
+def split_token(env: Mapping[str, str] | None) -> tuple[str, Mapping[str, str] | None]:
+    """The call's token (a caller's, e.g. a Fleet's, carried in ``env``; else a new one)
+    and ``env`` without it, so the token is exported exactly once."""
+    if not isinstance(env, Mapping):
+        return new_token(), env  # None, or a bad value that build_command reports
+    given = env.get(CANCEL_VAR)
+    rest = {k: v for k, v in env.items() if k != CANCEL_VAR}
+    return (given if given is not None and is_token(given) else new_token()), rest
+
+
+# The script, in POSIX sh over Linux /proc (no ps: slim images lack procps). The needle is
+# split in its own text (m=VAR=""TOKEN) and reaches grep on stdin, so neither this shell
+# nor its subshells ever match themselves.
+_SCRIPT = r"""m=__VAR__=""__TOKEN__; me=$$
+hits() {
+  printf '%s\n' "$m" | grep -lFf - /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null |
+  while IFS=/ read -r _ _ p _; do [ "$p" = "$me" ] || printf '%s ' "$p"; done
+}
+tree() {
+  all=" $* "; more=1
+  while [ "$more" = 1 ]; do
+    more=0
+    for f in /proc/[0-9]*/stat; do
+      p=${f#/proc/}; p=${p%/stat}
+      case $all in *" $p "*) continue ;; esac
+      { read -r line < "$f"; } 2>/dev/null || continue
+      set -- ${line##*) }
+      case $all in *" $2 "*) all="$all$p "; more=1 ;; esac
+    done
+  done
+  printf '%s' "$all"
+}
+alive() {
+  for p in $*; do
+    { read -r line < "/proc/$p/stat"; } 2>/dev/null || continue
+    case ${line##*) } in Z*) ;; *) printf '%s ' "$p" ;; esac
+  done
+}
+sig() { s=$1; shift; for p in "$@"; do [ "$p" = "$me" ] || kill -s "$s" "$p" 2>/dev/null; done; }
+t=$(tree $(hits))
+[ -n "${t# }" ] || exit 0
+sig TERM $t; sig CONT $t
+i=0
+while [ -n "$(alive $t)" ] && [ "$i" -lt __STEPS__ ]; do
+  sleep 0.02 2>/dev/null || { sleep 1; break; }
+  i=$((i + 1))
+done
+k=0
+while [ "$k" -lt 5 ]; do
+  t=$(tree $(alive $t) $(hits))
+  [ -n "$(alive $t)" ] || break
+  sig STOP $t; t=$(tree $t); sig KILL $t
+  k=$((k + 1))
+done
+true
+"""
+
+
+def kill_script(token: str, grace: float = 0.3) -> str:
+    """Shell that stops every process of one call (see the module docstring).
+
+    ``grace`` is how long processes get to exit after TERM before KILL; the script ends
+    as soon as they are all gone.
+    """
+    if not is_token(token):
+        raise InvalidArgument("cancel token must be alphanumeric (at most 64 characters)")
+    steps = max(1, round(float(grace) / 0.02))
+    return (
+        _SCRIPT.replace("__VAR__", CANCEL_VAR)
+        .replace("__TOKEN__", token)
+        .replace("__STEPS__", str(steps))
+    )
