@@ -60,6 +60,7 @@ class Link:
         keepalive: float,
         connect_timeout: float,
         max_connections: int,
+        spare_channel: bool = True,
     ) -> None:
         self.session = session
         self.key = key
@@ -80,6 +81,13 @@ class Link:
         self._retiring = False
         self.active_channels = 0
         self._idle = threading.Condition(self._lock)
+        # One session channel opened ahead of need: a command then pays only its exec
+        # round trip. It counts against the channel cap, never as "busy" for draining.
+        self.spare_channels = spare_channel
+        self._spare: paramiko.Channel | None = None
+        self._spare_wanted = threading.Event()
+        self._spare_thread: threading.Thread | None = None
+        self._spare_refused_until = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -177,6 +185,12 @@ class Link:
         self, timeout: float = CHANNEL_OPEN_TIMEOUT, *, max_packet_size: int | None = None
     ) -> paramiko.Channel:
         """A new session channel; falls over to another transport when one is refused."""
+        plain = max_packet_size is None
+        if plain and self.spare_channels:
+            spare = self._take_spare()
+            if spare is not None:
+                self._want_spare()
+                return spare
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
@@ -218,6 +232,8 @@ class Link:
                     continue
                 # The channel keeps its connection's count until it closes.
                 self._track(c, chan)
+                if plain and self.spare_channels:
+                    self._want_spare()
                 return chan
             if not candidates and not self._conns:
                 # Every connection is gone: the session manager decides what that means
@@ -266,6 +282,90 @@ class Link:
 
         chan.sshbridge_note_refusal = note_refusal  # type: ignore[attr-defined]
 
+    # -- the spare channel ---------------------------------------------------------------
+
+    def _take_spare(self) -> paramiko.Channel | None:
+        with self._lock:
+            chan, self._spare = self._spare, None
+        if chan is None:
+            return None
+        transport = chan.get_transport()
+        usable = transport is not None and transport.is_active() and _peer_open(transport)
+        if chan.closed or chan.eof_received or not usable:
+            chan.close()  # releases its slot
+            if transport is not None and transport.is_active():
+                # The server closes idle channels (Dropbear does): keeping spares would
+                # only churn, so this link stops, and opens channels on demand.
+                log.debug("server closed an idle spare channel; no more spares on this link")
+                self.spare_channels = False
+            return None
+        chan.sshbridge_spare = True  # type: ignore[attr-defined]
+        return chan
+
+    def _want_spare(self) -> None:
+        with self._lock:
+            if self._closed or self._retiring:
+                return
+            if self._spare_thread is None:
+                self._spare_thread = threading.Thread(
+                    target=self._keep_spare,
+                    name=f"sshbridge-spare-{self.sandbox_id}",
+                    daemon=True,
+                )
+                self._spare_thread.start()
+        self._spare_wanted.set()
+
+    def _keep_spare(self) -> None:
+        while True:
+            self._spare_wanted.wait()
+            self._spare_wanted.clear()
+            with self._lock:
+                if self._closed or self._retiring:
+                    return
+                now = time.monotonic()
+                if self._spare is not None or now < self._spare_refused_until:
+                    continue
+                if self._busy_locked() > 1:
+                    # Concurrent commands open their own channels anyway; a spare serves
+                    # the next command of a sequence, and would only take a slot here.
+                    continue
+                ready = [
+                    c for c in self._conns if c.transport.is_active() and not c.looks_full(now)
+                ]
+                if not ready:
+                    continue
+                conn = min(ready, key=lambda c: c.channels)
+                conn.channels += 1
+                self.active_channels += 1
+            try:
+                chan = conn.transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
+            except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
+                with self._lock:
+                    conn.channels -= 1
+                    self.active_channels -= 1
+                    self._idle.notify_all()
+                    # At the server's cap: no spare until the refusal is forgotten, and
+                    # the connection counts as full at this load, as after any refusal.
+                    self._spare_refused_until = time.monotonic() + REFUSAL_MEMORY
+                    conn.full_at = max(1, conn.channels)
+                    conn.refused_until = self._spare_refused_until
+                continue
+            self._track(conn, chan)
+            with self._lock:
+                keep = not (self._closed or self._retiring or self._spare is not None)
+                if keep:
+                    self._spare = chan
+            if not keep:
+                chan.close()
+
+    def _drop_spare(self) -> None:
+        with self._lock:
+            chan, self._spare = self._spare, None
+        self._spare_wanted.set()  # wakes the keeper so it can see it must stop
+        if chan is not None:
+            with contextlib.suppress(Exception):
+                chan.close()
+
     # -- SFTP pool -----------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -307,6 +407,7 @@ class Link:
         with self._lock:
             self._retiring = True
             idle, self._sftp_idle = self._sftp_idle, []
+        self._drop_spare()
         for _, client in idle:
             with contextlib.suppress(Exception):
                 client.close()
@@ -315,12 +416,15 @@ class Link:
     def busy(self) -> int:
         """Channels in use (pooled idle SFTP clients excluded)."""
         with self._lock:
-            return self.active_channels - len(self._sftp_idle)
+            return self._busy_locked()
+
+    def _busy_locked(self) -> int:
+        return self.active_channels - len(self._sftp_idle) - (self._spare is not None)
 
     def wait_idle(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         with self._lock:
-            while self.active_channels - len(self._sftp_idle) > 0:
+            while self._busy_locked() > 0:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -334,6 +438,12 @@ class Link:
             self._closed = True
             conns, self._conns = self._conns, []
             idle, self._sftp_idle = self._sftp_idle, []
+            spare, self._spare = self._spare, None
+            keeper = self._spare_thread
+        self._spare_wanted.set()
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                spare.close()
         for _, client in idle:
             with contextlib.suppress(Exception):
                 client.close()
@@ -348,6 +458,24 @@ class Link:
             # paramiko's close() may return before its reader thread ends.
             if c.transport is not threading.current_thread():
                 c.transport.join(2.0)
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join(2.0)  # its open fails at once now that the transports are closed
+
+
+def _peer_open(transport: paramiko.Transport) -> bool:
+    """False when the peer already closed or reset the TCP connection, which paramiko's
+    reader thread may not have noticed yet: a spare channel on it must not be used, or
+    a command would be sent into a dead connection (its outcome then unknown) instead of
+    the link reconnecting first. One non-blocking peek; consumes nothing."""
+    sock = getattr(transport, "sock", None)
+    if not isinstance(sock, socket.socket):
+        return True
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return True  # nothing pending: open as far as the kernel knows
+    except OSError:
+        return False
 
 
 def session_life(session: SSHSession, requested_at_wall: float, requested_at_mono: float) -> float:

@@ -275,6 +275,7 @@ def start_command(
     if deadline is not None:
         limit = min(limit, deadline)
     delay = 0.01
+    resends = 0
     while True:
         chan = source.open_channel()
         transport = chan.get_transport()
@@ -289,6 +290,15 @@ def start_command(
         except (paramiko.SSHException, EOFError, OSError) as exc:
             refused = getattr(chan, "_sshbridge_refused", False)
             alive = transport is not None and transport.is_active()
+            spare = getattr(chan, "sshbridge_spare", False)
+            unsent = isinstance(exc, (EOFError, OSError))  # the request could not go out
+            if not refused and resends < 2 and (unsent or (spare and alive)):
+                # Never started: the request was not sent (the connection was already
+                # gone), or a channel opened ahead of need was closed by the server just
+                # before it. Try again on a fresh channel (the link reconnects if needed).
+                resends += 1
+                chan.close()
+                continue
             # The link counts the connection as full (see Link._track); True when it
             # carries other channels, i.e. the refusal may be about load.
             note = getattr(chan, "sshbridge_note_refusal", None)

@@ -385,6 +385,9 @@ class PreambleFront:
                 return
             with self._lock:
                 self.accepted += 1
+            # A relay must not add Nagle + delayed-ACK waits (40 ms) to small packets.
+            for sock in (conn, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._pipe(conn, upstream)
         finally:
             self._drop(conn, *([upstream] if upstream is not None else []))

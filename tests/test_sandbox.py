@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SECRET_KEY
+from emu_helpers import settle_threads
 
 from sshbridge import (
     AcceptAnyHostKey,
@@ -501,3 +502,38 @@ def test_no_secret_in_logs_or_reprs(
         assert SECRET_KEY not in text
         assert token not in text
         assert "PRIVATE KEY" not in text
+
+
+def test_spare_channel_respects_the_cap_and_leaves_nothing(emu: Emulator, sandbox: str) -> None:
+    """A channel opened ahead of need must never cost a connection or a refusal-driven
+    retry: with one channel per connection allowed, twenty commands in a row still use
+    one connection, and closing leaves no thread behind."""
+    emu.max_channels_per_connection = 1
+    with connect(emu, sandbox) as shell:
+        for i in range(20):
+            assert shell.run(f"echo {i}").stdout == f"{i}\n"
+        session = shell.session
+        assert session is not None
+        assert emu.ssh_connections(session.session_id) == 1
+    assert settle_threads() == []
+
+
+def test_spare_channel_serves_sequential_commands(emu: Emulator, sandbox: str) -> None:
+    with connect(emu, sandbox) as shell:
+        shell.run("true")
+        session = shell.session
+        assert session is not None
+        # The next command's channel is opened in the background, ahead of need: one
+        # channel stays open between commands, never more.
+        deadline = time.monotonic() + 5
+        while emu.ssh_channels(session.session_id) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert emu.ssh_channels(session.session_id) == 1
+        for _ in range(5):
+            assert shell.run("echo x").stdout == "x\n"
+            assert emu.ssh_channels(session.session_id) <= 2
+    deadline = time.monotonic() + 5
+    while emu.ssh_channels() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert emu.ssh_channels() == 0
+    assert settle_threads() == []

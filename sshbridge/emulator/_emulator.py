@@ -329,6 +329,15 @@ class Emulator:
         if session.deleted_at is None:
             self._close_session(session)
 
+    def ssh_channels(self, session_id: str | None = None) -> int:
+        """Channels (sessions, forwards) clients hold open now (always 0 in OpenSSH mode)."""
+        if self._sidecar is None:
+            return 0
+        if session_id is None:
+            return self._sidecar.channel_count()
+        session = self._state.session_by_any_id(session_id)
+        return 0 if session is None else self._sidecar.channel_count(session.internal_id)
+
     def ssh_connections(self, session_id: str | None = None) -> int:
         """Authenticated SSH connections open now (always 0 in OpenSSH mode)."""
         if self._sidecar is None:

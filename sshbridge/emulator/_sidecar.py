@@ -291,6 +291,22 @@ class Sidecar:
                 return sum(self._auth_counts.values())
             return self._auth_counts.get(internal_id, 0)
 
+    def channel_count(self, internal_id: str | None = None) -> int:
+        """Channels the clients hold open now (live slots), on the loop thread."""
+
+        async def count() -> int:
+            return sum(
+                conn.live_channels()
+                for key, exp in self._exposures.items()
+                if internal_id is None or key == internal_id
+                for conn in list(exp.conns)
+            )
+
+        try:
+            return self.call(count)
+        except RuntimeError:
+            return 0
+
     def _call_quietly(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         with contextlib.suppress(RuntimeError):  # already stopped: nothing left to close
             self.call(fn)
@@ -621,6 +637,10 @@ class _ConnServer(asyncssh.SSHServer):
         if not self._authed:
             self._authed = True
             self._exp.sidecar.count(self._exp.session.internal_id, +1)
+
+    def live_channels(self) -> int:
+        self._slots = [s for s in self._slots if s.live()]
+        return len(self._slots)
 
     def _claim_slot(self) -> _Slot:
         emu = self._exp.sidecar.emu
