@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import threading
 import time
@@ -88,6 +89,8 @@ class Link:
         self._spare_wanted = threading.Event()
         self._spare_thread: threading.Thread | None = None
         self._spare_refused_until = 0.0
+        self._spare_pending = False  # the keeper is opening one now
+        self._spare_waiter = False
 
     def __repr__(self) -> str:
         return (
@@ -259,14 +262,18 @@ class Link:
 
         def close() -> None:
             target = chan_ref()
-            if target is not None:
-                paramiko.Channel.close(target)
-            with self._lock:
-                if not done[0]:
-                    done[0] = True
-                    conn.channels -= 1
-                    self.active_channels -= 1
-                    self._idle.notify_all()
+            try:
+                if target is not None:
+                    # Raises EOFError when the connection is already gone: the slot is
+                    # released all the same.
+                    paramiko.Channel.close(target)
+            finally:
+                with self._lock:
+                    if not done[0]:
+                        done[0] = True
+                        conn.channels -= 1
+                        self.active_channels -= 1
+                        self._idle.notify_all()
 
         chan.close = close  # type: ignore[method-assign]
 
@@ -286,13 +293,28 @@ class Link:
 
     def _take_spare(self) -> paramiko.Channel | None:
         with self._lock:
+            # One being opened already is never slower than opening another: it started
+            # earlier (in a loop of short commands it lands just as the previous ends).
+            # Only one caller waits for it: the others of a burst open their own at once.
+            if self._spare is None and self._spare_pending and not self._spare_waiter:
+                self._spare_waiter = True
+                end = time.monotonic() + CHANNEL_OPEN_TIMEOUT
+                try:
+                    while self._spare is None and self._spare_pending and not self._closed:
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._idle.wait(left)
+                finally:
+                    self._spare_waiter = False
             chan, self._spare = self._spare, None
         if chan is None:
             return None
         transport = chan.get_transport()
         usable = transport is not None and transport.is_active() and _peer_open(transport)
         if chan.closed or chan.eof_received or not usable:
-            chan.close()  # releases its slot
+            with contextlib.suppress(Exception):
+                chan.close()  # releases its slot
             if transport is not None and transport.is_active():
                 # The server closes idle channels (Dropbear does): keeping spares would
                 # only churn, so this link stops, and opens channels on demand.
@@ -337,10 +359,12 @@ class Link:
                 conn = min(ready, key=lambda c: c.channels)
                 conn.channels += 1
                 self.active_channels += 1
+                self._spare_pending = True
             try:
                 chan = conn.transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
             except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
                 with self._lock:
+                    self._spare_pending = False
                     conn.channels -= 1
                     self.active_channels -= 1
                     self._idle.notify_all()
@@ -352,11 +376,14 @@ class Link:
                 continue
             self._track(conn, chan)
             with self._lock:
+                self._spare_pending = False
                 keep = not (self._closed or self._retiring or self._spare is not None)
                 if keep:
                     self._spare = chan
+                self._idle.notify_all()
             if not keep:
-                chan.close()
+                with contextlib.suppress(Exception):
+                    chan.close()
 
     def _drop_spare(self) -> None:
         with self._lock:
@@ -471,10 +498,16 @@ def _peer_open(transport: paramiko.Transport) -> bool:
     if not isinstance(sock, socket.socket):
         return True
     try:
+        # paramiko's socket has a timeout, so a plain recv would wait for data first:
+        # ask the kernel whether anything (data, FIN, RST) is pending, without waiting.
+        poller = select.poll()  # not select(): descriptors past 1024 are common in fleets
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return True  # nothing pending: open as far as the kernel knows
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
-        return True  # nothing pending: open as far as the kernel knows
-    except OSError:
+        return True
+    except (OSError, ValueError):
         return False
 
 

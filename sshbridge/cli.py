@@ -29,6 +29,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from sshbridge_fast import _protocol, persist_seconds
+from sshbridge_fast._protocol import PERSIST_ENV
+
 from ._api import APIClient, validate_sandbox_id
 from ._config import config_file_path, describe_config, load_config
 from ._exceptions import (
@@ -36,16 +39,20 @@ from ._exceptions import (
     APIError,
     APIStatusError,
     AuthenticationError,
-    CommandTimeout,
     ConfigurationError,
     InvalidArgument,
     NotFound,
     RemotePathError,
+    SandboxError,
     SandboxNotRunning,
     SandboxNotSupported,
     SSHBridgeError,
+    SSHError,
 )
+from ._holder import HolderStartError, close_holder, ensure_holder, list_holders
+from ._runner import build_command
 from ._sandbox import SandboxSSH
+from ._stream import stream_command
 from ._version import __version__
 
 log = logging.getLogger("sshbridge.cli")
@@ -84,6 +91,7 @@ class Globals:
     base_url: str | None = None
     ttl: int = 900
     verbose: int = 0
+    persist: float | None = None  # idle seconds a session holder lingers; None: off
 
 
 # -- plumbing ------------------------------------------------------------------------------
@@ -258,6 +266,21 @@ def _main_options(
             "--verbose", "-v", count=True, help="Debug logging (-vv adds paramiko). No secrets."
         ),
     ] = 0,
+    persist: Annotated[
+        float | None,
+        typer.Option(
+            "--persist",
+            min=0,
+            metavar="SECONDS",
+            help="Keep the sandbox's session open in a background holder for this many idle "
+            "seconds, shared by later calls (default: $SSHBRIDGE_PERSIST, else 600; 0: off).",
+            show_default=False,
+        ),
+    ] = None,
+    no_persist: Annotated[
+        bool,
+        typer.Option("--no-persist", help="No session holder: connect, run, disconnect."),
+    ] = False,
     version: Annotated[
         bool,
         typer.Option(
@@ -266,7 +289,14 @@ def _main_options(
     ] = False,
 ) -> None:
     _setup_logging(verbose)
-    ctx.obj = Globals(api_key=api_key, base_url=base_url, ttl=ttl, verbose=verbose)
+    try:
+        linger = persist_seconds(None if persist is None else repr(persist), no_persist)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{os.environ.get(PERSIST_ENV)!r} is not a number of seconds",
+            param_hint=f"${PERSIST_ENV}",
+        ) from None
+    ctx.obj = Globals(api_key=api_key, base_url=base_url, ttl=ttl, verbose=verbose, persist=linger)
 
 
 # -- ssh -----------------------------------------------------------------------------------
@@ -280,8 +310,8 @@ def ssh_cmd(
     command: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Command to run instead of a login shell (after `--`). One argument is a "
-            "shell command line; several are run as an argv.",
+            help="Command to run instead of a login shell. Like ssh, the words are joined "
+            "with spaces for the remote shell.",
             show_default=False,
         ),
     ] = None,
@@ -301,9 +331,21 @@ def ssh_cmd(
     window resizes follow. The remote exit status becomes sshbridge's.
     """
     words = _command_words(command)
-    argv = _command_argv(words) if words else None
-    with _connect(ctx, sandbox) as shell:
-        status = shell.interactive(argv, pty=tty)
+    if words and words[0].startswith("-") and command and command[0] != "--":
+        raise _usage(
+            f"{words[0]!r} after SANDBOX: options go before it "
+            "(sshbridge ssh [OPTIONS] SANDBOX [COMMAND...]); use -- to run a command "
+            "that starts with '-'"
+        )
+    # Like ssh: the words are joined with spaces and the remote shell splits them, so
+    # `rsync -e 'sshbridge ssh'` and GIT_SSH_COMMAND='sshbridge ssh' work.
+    argv = " ".join(words) if words else None
+    validate_sandbox_id(sandbox)
+    try:
+        with _connect(ctx, sandbox) as shell:
+            status = shell.interactive(argv, pty=tty)
+    except (SSHError, APIConnectionError, SandboxError) as exc:
+        raise CLIError(str(exc), 255) from None  # as ssh: 255 when the connection fails
     if status < 0:
         _err("the remote side ended without an exit status (killed by a signal?)")
         return 255
@@ -348,49 +390,160 @@ def exec_cmd(
     stdin: Annotated[
         bool,
         typer.Option(
-            "--stdin", "-i", help="Send our stdin (read to its end first) to the command."
+            "--stdin", "-i", help="Accepted for compatibility: stdin is forwarded by default."
         ),
+    ] = False,
+    no_stdin: Annotated[
+        bool,
+        typer.Option("-n", help="Give the command an empty stdin (like ssh -n)."),
     ] = False,
     tty: Annotated[
         bool,
         typer.Option("--tty", "-t", help="Run under a terminal (stderr merges into stdout)."),
     ] = False,
 ) -> int:
-    """Run a command in SANDBOX, streaming its stdout and stderr; exit with its status."""
+    """Run a command in SANDBOX, streaming stdin, stdout and stderr; exit with its status.
+
+    Our stdin is forwarded as it arrives (`-n` for none). With a live session holder
+    (the default; see `--persist`) the call reuses its session.
+    """
     words = _command_words(command)
     if not words:
         raise _usage("missing the command to run (sshbridge exec SANDBOX -- COMMAND...)")
     variables = _parse_env(env or [])
-    data = sys.stdin.buffer.read() if stdin else None
-    out = sys.stdout.buffer
-    err = sys.stderr.buffer
-
-    # latin-1 maps bytes 1:1 to characters, so output passes through byte for byte.
-    def on_stdout(text: str) -> None:
-        out.write(text.encode("latin-1"))
-        out.flush()
-
-    def on_stderr(text: str) -> None:
-        err.write(text.encode("latin-1"))
-        err.flush()
-
+    validate_sandbox_id(sandbox)
+    # Bad input costs no session (and no holder).
+    build_command(_command_argv(words), cwd=cwd, env=variables or None)
+    g = _globals(ctx)
+    if g.persist is not None:
+        config = load_config(api_key=g.api_key, base_url=g.base_url)
+        job = {
+            "command": words,
+            "env": variables,
+            "cwd": cwd,
+            "timeout": timeout,
+            "pty": tty,
+            "stdin": not no_stdin,
+            "persist": g.persist,
+        }
+        held = _exec_in_holder(config, sandbox, job, g)
+        if held is not None:
+            return held
     with _connect(ctx, sandbox) as shell:
+        outcome = stream_command(
+            shell._manager.source(),
+            _command_argv(words),
+            cwd=cwd,
+            env=variables or None,
+            timeout=timeout,
+            pty=tty,
+            stdin_fd=None if no_stdin else sys.stdin.fileno(),
+            stdout_fd=sys.stdout.fileno(),
+            stderr_fd=sys.stderr.fileno(),
+        )
+    if outcome.message:
+        raise CLIError(outcome.message, outcome.status)
+    return outcome.status
+
+
+def _exec_in_holder(config: Any, sandbox: str, job: dict[str, Any], g: Globals) -> int | None:
+    """Run ``job`` in this sandbox's session holder (started if need be); its status.
+    None if holders cannot be used here."""
+    assert g.persist is not None
+    for _attempt in range(3):
         try:
-            result = shell.run(
-                _command_argv(words),
-                cwd=cwd,
-                env=variables or None,
-                input=data,
-                timeout=timeout,
-                pty=tty,
-                on_stdout=on_stdout,
-                on_stderr=on_stderr,
-                encoding="latin-1",
+            path = ensure_holder(config, sandbox, ttl=g.ttl, persist=g.persist, verbose=g.verbose)
+        except HolderStartError as exc:
+            raise CLIError(str(exc), exc.code) from None
+        if path is None:
+            return None
+        old: Any = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGTERM, _protocol.on_sigterm)
+        try:
+            sys.stdout.flush()
+            status, error = _protocol.attach_exec(
+                path, job, (sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
             )
-        except CommandTimeout as exc:
-            raise CLIError(str(exc), 124) from None
-    code = result.exit_code
-    return code if 0 <= code <= 255 else 255
+        except _protocol.HolderUnavailable:
+            continue  # it was exiting (idle) as we came: start another
+        except _protocol.Interrupted as exc:
+            raise CLIError(str(exc), exc.code) from None
+        except _protocol.ProtocolError as exc:
+            raise CLIError(str(exc), 255) from None
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        if error:
+            raise CLIError(error, status)
+        return status
+    raise CLIError("could not reach a session holder (try --no-persist)", 255)
+
+
+# -- sessions, close -------------------------------------------------------------------------
+
+
+@app.command("sessions")
+@_guard
+def sessions_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+) -> int:
+    """List this user's persistent sessions (session holders)."""
+    import json
+
+    holders = list_holders()
+    rows = [
+        {
+            "sandbox": h.sandbox,
+            "session_id": h.session_id,
+            "expires_at": h.expires_at,
+            "idle_seconds": h.idle,
+            "active": h.active,
+            "persist": h.persist,
+            "pid": h.pid,
+            "base_url": h.base_url,
+        }
+        for h in holders
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        _err("no persistent sessions")
+        return 0
+    print(f"{'SANDBOX':<24} {'SESSION':<28} {'EXPIRES':<26} {'IDLE':>6} PID")
+    for r in rows:
+        idle = "busy" if r["active"] else f"{float(r['idle_seconds'] or 0):.0f}s"
+        print(
+            f"{r['sandbox']:<24} {r['session_id'] or '-':<28} {r['expires_at'] or '-':<26} "
+            f"{idle:>6} {r['pid']}"
+        )
+    return 0
+
+
+@app.command("close")
+@_guard
+def close_cmd(
+    sandbox: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[SANDBOX]", help="Close this sandbox's holders.", show_default=False
+        ),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Close every holder of this user.")] = False,
+) -> int:
+    """Close persistent sessions: their holders DELETE the sessions and exit."""
+    if (sandbox is None) == (not all_):
+        raise _usage("give a SANDBOX or --all")
+    if sandbox is not None:
+        validate_sandbox_id(sandbox)
+    closed = 0
+    for h in list_holders():
+        if all_ or h.sandbox == sandbox:
+            closed += close_holder(h.path)
+    if sandbox is not None and not closed:
+        _err(f"no persistent session for {sandbox}")
+    return 0
 
 
 # -- cp ------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ import contextlib
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,11 @@ import pytest
 from conftest import CONTRACTS
 
 from sshbridge.emulator import Emulator
+from sshbridge_fast._protocol import PERSIST_ENV
 
 CLI = [sys.executable, "-m", "sshbridge.cli"]
+# The installed console script's entry: the fast exec path, else the full CLI.
+FAST_CLI = [sys.executable, "-m", "sshbridge_fast"]
 
 # A TCP echo server for the sandbox: binds a free loopback port, writes it to PORT_FILE,
 # echoes each connection until the client's EOF, then half-closes back.
@@ -60,10 +65,76 @@ def emu(contract: str) -> Iterator[Emulator]:
         yield emulator
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def holder_pids(runtime: Path) -> list[int]:
+    pids = []
+    for pid_file in sorted((runtime / "sshbridge").glob("h-*.pid")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            if _pid_alive(pid):
+                pids.append(pid)
+    return pids
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    """Poll (bounded) until process ``pid`` has exited."""
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop_holders(runtime: Path) -> None:
+    """Close every session holder started under ``runtime`` (DELETEing their sessions);
+    kill any that does not go."""
+    from sshbridge._holder import close_holder
+
+    directory = runtime / "sshbridge"
+    pids = holder_pids(runtime)
+    for sock in sorted(directory.glob("h-*.sock")):
+        with contextlib.suppress(Exception):
+            close_holder(sock)
+    for pid in pids:
+        if not wait_gone(pid, 15.0):
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+            wait_gone(pid, 5.0)
+
+
+def runtime_for(tmp_path: Path, create: bool = True) -> Path:
+    """The test's private XDG_RUNTIME_DIR: short (socket paths are limited to 107 bytes)
+    and derived from its tmp_path, so every fixture of one test agrees on it."""
+    import hashlib
+
+    digest = hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"sbrt-{digest}"
+    if create:
+        path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def release_runtime(tmp_path: Path) -> None:
+    """Stop every holder started under the test's runtime directory; remove it."""
+    path = runtime_for(tmp_path, create=False)
+    stop_holders(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
-def sandbox(emu: Emulator) -> Iterator[str]:
+def sandbox(emu: Emulator, tmp_path: Path) -> Iterator[str]:
     sid = emu.create_sandbox()
     yield sid
+    # Persistent sessions end with their holder.
+    stop_holders(runtime_for(tmp_path, create=False))
     # Every CLI run must have DELETEd the sessions it created, however it ended.
     deadline = time.monotonic() + 5
     while emu.open_sessions(sid) and time.monotonic() < deadline:
@@ -72,15 +143,18 @@ def sandbox(emu: Emulator) -> Iterator[str]:
 
 
 @pytest.fixture
-def cli_env(emu: Emulator, tmp_path: Path) -> dict[str, str]:
+def cli_env(emu: Emulator, tmp_path: Path) -> Iterator[dict[str, str]]:
     home = tmp_path / "clihome"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
     env.update(emu.env())
     env["HOME"] = str(home)
     env["PYTHONUNBUFFERED"] = "1"
+    env["XDG_RUNTIME_DIR"] = str(runtime_for(tmp_path))
+    env.pop(PERSIST_ENV, None)
     env.pop("COLUMNS", None)
-    return env
+    yield env
+    release_runtime(tmp_path)
 
 
 def run_cli(

@@ -94,3 +94,35 @@ def test_a_stalled_handshake_is_retried_until_connect_timeout(
         assert ("DELETE", "/api/v1/sandbox/sbx_1/ssh-session/sess_stall") in methods
     finally:
         stall.close()
+
+
+def test_a_library_does_not_print_when_the_application_configured_no_logging(
+    tmp_path: Any,
+) -> None:
+    """paramiko's "Socket exception: Connection reset by peer" (and sshbridge's own
+    warnings) must not reach stderr through Python's last-resort handler."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import time\n"
+        "from sshbridge import SandboxSSH\n"
+        "from sshbridge.emulator import Emulator\n"
+        "with Emulator(contract='sidecar') as emu:\n"
+        "    sid = emu.create_sandbox()\n"
+        "    with SandboxSSH(sid, api_key=emu.api_key, base_url=emu.base_url) as shell:\n"
+        "        shell.run('true')\n"
+        "        s = shell.session\n"
+        "        emu.cut_connections(s.session_id)\n"
+        "        time.sleep(0.5)\n"
+        "        assert shell.run('echo back').stdout == 'back\\n'\n"
+        "        emu.fail_next(5, 500, endpoint='close_session')\n"  # a warning on close
+        "print('done')\n"
+    )
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, timeout=60, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "done"
+    assert r.stderr == "", r.stderr

@@ -1,0 +1,236 @@
+"""The ``sshbridge`` console script's entry point: a fast path for ``exec``.
+
+``sshbridge exec SANDBOX -- CMD`` against a live session holder is handled here without
+importing typer, rich, paramiko, pydantic or requests (the ``sshbridge`` package's
+``__init__`` imports all of them, which is why this lives in a package of its own).
+Everything else, and an ``exec`` with no live holder, goes to ``sshbridge.cli:main``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import re
+import signal
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import _protocol
+
+_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VALUED_GLOBALS = {"--api-key": "api_key", "--base-url": "base_url", "--ttl": "ttl"}
+_VALUED_EXEC = {
+    "--timeout": "timeout",
+    "-e": "env",
+    "--env": "env",
+    "-w": "cwd",
+    "--cwd": "cwd",
+}
+_FLAG_EXEC = {"-i": "stdin", "--stdin": "stdin", "-n": "no_stdin", "-t": "tty", "--tty": "tty"}
+
+
+class _Defer(Exception):
+    """Not for the fast path: the full CLI handles (and reports) it."""
+
+
+def _split_option(arg: str) -> tuple[str, str | None]:
+    if arg.startswith("--") and "=" in arg:
+        name, _, value = arg.partition("=")
+        return name, value
+    return arg, None
+
+
+def parse_exec(argv: Sequence[str]) -> dict[str, Any]:
+    """The fast path's reading of ``[GLOBALS] exec [OPTIONS] SANDBOX [--] CMD...``.
+
+    Raises _Defer for anything it does not fully understand."""
+    opts: dict[str, Any] = {"env": [], "persist": None, "no_persist": False}
+    args = list(argv)
+    i = 0
+
+    def value() -> str:
+        nonlocal i
+        if i + 1 >= len(args):
+            raise _Defer
+        i += 1
+        return args[i]
+
+    while i < len(args) and args[i] != "exec":
+        name, inline = _split_option(args[i])
+        if name in _VALUED_GLOBALS:
+            opts[_VALUED_GLOBALS[name]] = inline if inline is not None else value()
+        elif name == "--persist":
+            opts["persist"] = inline if inline is not None else value()
+        elif name == "--no-persist" and inline is None:
+            opts["no_persist"] = True
+        else:
+            raise _Defer  # -v, --help, --version, other commands
+        i += 1
+    if i >= len(args):
+        raise _Defer
+    i += 1
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        name, inline = _split_option(args[i])
+        if name in _VALUED_EXEC:
+            key = _VALUED_EXEC[name]
+            text = inline if inline is not None else value()
+            if key == "env":
+                opts["env"].append(text)
+            else:
+                opts[key] = text
+        elif name in _FLAG_EXEC and inline is None:
+            opts[_FLAG_EXEC[name]] = True
+        else:
+            raise _Defer
+        i += 1
+    if i >= len(args):
+        raise _Defer
+    opts["sandbox"] = args[i]
+    words = args[i + 1 :]
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        raise _Defer
+    opts["command"] = words
+    return opts
+
+
+def _job(opts: dict[str, Any]) -> dict[str, Any]:
+    """The holder request, validated as the full CLI would (else _Defer)."""
+    if not _SANDBOX_ID.fullmatch(opts["sandbox"]):
+        raise _Defer
+    env: dict[str, str] = {}
+    for pair in opts["env"]:
+        name, sep, val = pair.partition("=")
+        if not sep or not _ENV_NAME.fullmatch(name):
+            raise _Defer
+        env[name] = val
+    timeout: float | None = None
+    if opts.get("timeout") is not None:
+        try:
+            timeout = float(opts["timeout"])
+        except ValueError:
+            raise _Defer from None
+        if not math.isfinite(timeout) or timeout < 0.001:
+            raise _Defer
+    if any("\x00" in w for w in opts["command"]):
+        raise _Defer
+    return {
+        "command": opts["command"],
+        "env": env,
+        "cwd": opts.get("cwd"),
+        "timeout": timeout,
+        "pty": bool(opts.get("tty")),
+        "stdin": not opts.get("no_stdin"),
+    }
+
+
+def persist_seconds(option: str | None, disabled: bool) -> float | None:
+    """The idle timeout in effect: --no-persist, --persist SECONDS, $SSHBRIDGE_PERSIST."""
+    if disabled:
+        return None
+    if option is not None:
+        return _protocol.parse_persist(option)
+    return _protocol.parse_persist(os.environ.get(_protocol.PERSIST_ENV))
+
+
+def _load_config_module() -> types.ModuleType:
+    """``sshbridge._config`` without running ``sshbridge/__init__`` (which imports
+    paramiko): the same resolution code the library uses, loaded under a bare package."""
+    if "sshbridge" in sys.modules:
+        return importlib.import_module("sshbridge._config")
+    spec = importlib.util.find_spec("sshbridge")
+    if spec is None or not spec.submodule_search_locations:
+        raise _Defer
+    bare = types.ModuleType("sshbridge")
+    bare.__path__ = list(spec.submodule_search_locations)
+    bare.__package__ = "sshbridge"
+    sys.modules["sshbridge"] = bare
+    try:
+        return importlib.import_module("sshbridge._config")
+    finally:
+        _forget_bare_package()
+
+
+def _forget_bare_package() -> None:
+    # The real package (and fresh copies of these submodules) load normally later.
+    for name in [n for n in sys.modules if n == "sshbridge" or n.startswith("sshbridge.")]:
+        del sys.modules[name]
+
+
+def _try_fast(argv: Sequence[str]) -> int:
+    try:
+        opts = parse_exec(argv)
+        job = _job(opts)
+        persist = persist_seconds(opts["persist"], opts["no_persist"])
+        if opts.get("ttl") is not None and not 1 <= int(opts["ttl"]) <= 3600:
+            raise _Defer
+    except ValueError:
+        raise _Defer from None
+    if persist is None:
+        raise _Defer
+    config_mod = _load_config_module()
+    try:
+        config = config_mod.load_config(api_key=opts.get("api_key"), base_url=opts.get("base_url"))
+    except Exception:  # noqa: BLE001 - the full CLI reports it properly
+        raise _Defer from None
+    try:
+        directory = _protocol.runtime_dir(create=False)
+    except OSError:
+        raise _Defer from None
+    path = _protocol.socket_path(
+        directory,
+        _protocol.holder_name(config.base_url, config.team_id, config.api_key, opts["sandbox"]),
+    )
+    if path is None:
+        raise _Defer
+    job["persist"] = persist
+    old = signal.signal(signal.SIGTERM, _protocol.on_sigterm)
+    try:
+        status, error = _protocol.attach_exec(path, job)
+    except (_protocol.HolderUnavailable, PermissionError):
+        raise _Defer from None
+    except _protocol.Interrupted as exc:
+        _error(str(exc))
+        return exc.code
+    except (_protocol.ProtocolError, OSError) as exc:
+        _error(str(exc))
+        return 255
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if error:
+        _error(error)
+    return status
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"sshbridge: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+
+
+def main() -> NoReturn:
+    """Console-script entry point."""
+    argv = sys.argv[1:]
+    try:
+        code = _try_fast(argv)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        code = 130
+    except _Defer:
+        try:
+            from sshbridge.cli import main as full_main
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("typer", "rich", "click"):
+                raise
+            _error(
+                f"the command line needs the 'cli' extra ({exc.name} is missing): "
+                "pip install 'sshbridge[cli]'"
+            )
+            sys.exit(1)
+        full_main()
+    sys.exit(code)

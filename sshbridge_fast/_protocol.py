@@ -1,0 +1,242 @@
+"""Client side of the session holder protocol: standard library only.
+
+A holder is a background process keeping one sandbox's ``SandboxSSH`` open. It listens
+on a Unix socket in a per-user 0700 runtime directory (``$XDG_RUNTIME_DIR/sshbridge``, or
+``~/.sshbridge/run``); the socket's name is a hash of (base URL, team, API key, sandbox
+id), never the key itself, so a holder is only ever used with the credentials it was
+started with.
+
+The wire: each side sends JSON objects, one per line. A client's first line is the
+request; for ``exec`` it travels with the caller's stdin, stdout and stderr file
+descriptors (SCM_RIGHTS), so the holder reads and writes them directly. The holder
+answers ``{"accepted": true}`` once it has taken the job (EOF before that means it was
+shutting down and nothing ran), then ``{"status": N, "error": "..."|null}`` at the end.
+A client that goes away (EOF on the socket) cancels its command. Both ends check the
+other's uid with SO_PEERCRED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import socket
+import stat
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PROTOCOL = "sshbridge-holder-1"
+PERSIST_ENV = "SSHBRIDGE_PERSIST"
+DEFAULT_PERSIST = 600.0
+# sun_path is 108 bytes on Linux, NUL included.
+_MAX_SOCKET_PATH = 107
+_MAX_LINE = 1 << 20
+
+
+class HolderUnavailable(Exception):
+    """No live holder at that path (absent, stale, or shutting down): nothing ran."""
+
+
+class ProtocolError(Exception):
+    """The holder broke off after taking the job, or answered nonsense."""
+
+
+def runtime_dir(create: bool = True) -> Path:
+    """The per-user directory for holder sockets, created 0700 and checked."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "sshbridge" if base else Path.home() / ".sshbridge" / "run"
+    if create:
+        old = os.umask(0o077)
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        finally:
+            os.umask(old)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(f"{path} is not a directory owned by this user")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def holder_name(base_url: str, team_id: str | None, api_key: str, sandbox_id: str) -> str:
+    """The socket's base name: a hash that never reveals the key."""
+    material = "\0".join((PROTOCOL, base_url, team_id or "", api_key, sandbox_id))
+    return "h-" + hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def socket_path(directory: Path, name: str) -> Path | None:
+    """The socket path, or None if it would not fit in a sockaddr_un."""
+    path = directory / f"{name}.sock"
+    return path if len(os.fsencode(path)) <= _MAX_SOCKET_PATH else None
+
+
+def parse_persist(value: str | None) -> float | None:
+    """Seconds from ``SSHBRIDGE_PERSIST`` (unset: the default; 0/no/off: disabled).
+
+    Raises ValueError for anything else."""
+    if value is None or value.strip() == "":
+        return DEFAULT_PERSIST
+    text = value.strip().lower()
+    if text in ("0", "no", "off", "false", "never"):
+        return None
+    if text in ("yes", "on", "true"):
+        return DEFAULT_PERSIST
+    seconds = float(text)
+    if not 0 < seconds < 10**7:
+        raise ValueError(f"{value!r} is not a number of seconds")
+    return seconds
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    if fds:
+        sent = socket.send_fds(sock, [data], list(fds))
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+class LineReader:
+    """Reads JSON lines from a stream socket, collecting any file descriptors sent along."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.fds: list[int] = []
+
+    def read(self, maxfds: int = 0) -> dict[str, Any] | None:
+        """The next message; None at EOF."""
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > _MAX_LINE:
+                raise ProtocolError("message too long")
+            if maxfds and not self.fds:
+                chunk, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, maxfds)
+                self.fds.extend(fds)
+            else:
+                chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ProtocolError("unreadable message") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("unreadable message")
+        return message
+
+
+def connect(path: Path, timeout: float | None = 5.0) -> socket.socket:
+    """A connection to the holder at ``path``, checked to run as this user.
+
+    Raises HolderUnavailable when there is none (no socket, or a stale one)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.EAGAIN):
+            raise HolderUnavailable(str(exc)) from None
+        raise
+    if peer_uid(sock) != os.getuid():
+        sock.close()
+        raise PermissionError(f"{path}: the holder runs as another user; not using it")
+    sock.settimeout(None)
+    return sock
+
+
+def request(path: Path, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One request, one answer (``info``, ``close``, ``ping``)."""
+    with connect(path, timeout) as sock:
+        sock.settimeout(timeout)
+        send_message(sock, message)
+        answer = LineReader(sock).read()
+    if answer is None:
+        raise HolderUnavailable("the holder closed the connection")
+    return answer
+
+
+def is_alive(path: Path) -> bool:
+    try:
+        sock = connect(path, 2.0)
+    except (HolderUnavailable, PermissionError):
+        return False
+    sock.close()
+    return True
+
+
+def unlink_stale(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class Interrupted(Exception):
+    """The caller was interrupted (Ctrl-C: 130, SIGTERM: 143) while a command ran."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def attach_exec(
+    path: Path, job: dict[str, Any], fds: Sequence[int] = (0, 1, 2)
+) -> tuple[int, str | None]:
+    """Run ``job`` in the holder at ``path`` on our file descriptors: (status, error).
+
+    Raises HolderUnavailable if no holder took the job (nothing ran), ProtocolError if
+    the holder broke off, Interrupted on Ctrl-C / SIGTERM (after the holder stopped the
+    command, for a bounded time)."""
+    sock = connect(path)
+    try:
+        send_message(sock, dict(job, op="exec"), fds)
+        reader = LineReader(sock)
+        try:
+            first = reader.read()
+        except OSError as exc:
+            raise HolderUnavailable(str(exc)) from None
+        if first is None or not first.get("accepted"):
+            if first is not None and "status" in first:
+                return int(first["status"]), first.get("error")
+            raise HolderUnavailable("the holder is shutting down")
+        try:
+            answer = reader.read()
+        except KeyboardInterrupt:
+            _cancel(sock, reader)
+            raise Interrupted(130, "interrupted") from None
+        except _Terminate:
+            _cancel(sock, reader)
+            raise Interrupted(143, "terminated") from None
+        if answer is None or "status" not in answer:
+            raise ProtocolError("the session holder went away while the command ran")
+        return int(answer["status"]), answer.get("error")
+    finally:
+        sock.close()
+
+
+class _Terminate(BaseException):
+    pass
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminate
+
+
+def _cancel(sock: socket.socket, reader: LineReader) -> None:
+    """Tell the holder to stop the command (our EOF) and wait a little for it to finish."""
+    with contextlib.suppress(OSError, BaseException):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(15.0)
+        reader.read()
