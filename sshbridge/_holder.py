@@ -386,10 +386,10 @@ class Holder:
 
     def _sandbox_gone(self) -> bool:
         try:
-            self.shell._broker.check_sandbox()
+            sandbox = self.shell.sandbox()
         except SSHBridgeError as exc:
             return isinstance(exc, _FATAL)
-        return False
+        return sandbox.status != "RUNNING"
 
 
 def _setup_logging(path: Path, verbose: int) -> None:
