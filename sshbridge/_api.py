@@ -79,7 +79,11 @@ _REFUSES_PUBLIC_KEY: set[str] = set()
 MAX_RETRY_AFTER = 30.0
 
 
-def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+def validate_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """A finite number of seconds (> 0, or >= 0 with ``allow_zero``), checked up front.
+
+    NaN compares false with everything: unchecked, a deadline of NaN never passes.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgument(f"{name} must be a number of seconds, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -97,10 +101,10 @@ def validate_api_timeout(value: object) -> float | tuple[float, float]:
                 f"api_timeout must be seconds or a (connect, read) pair, got {len(value)} values"
             )
         return (
-            _seconds("api_timeout connect", value[0]),
-            _seconds("api_timeout read", value[1]),
+            validate_seconds("api_timeout connect", value[0]),
+            validate_seconds("api_timeout read", value[1]),
         )
-    return _seconds("api_timeout", value)
+    return validate_seconds("api_timeout", value)
 
 
 def validate_sandbox_id(sandbox_id: object) -> str:
@@ -282,8 +286,8 @@ class APIClient:
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise InvalidArgument("max_retries must be an int >= 0")
         self.max_retries = max_retries
-        self.retry_deadline = _seconds("retry_deadline", retry_deadline, allow_zero=True)
-        self.rate_limit_wait = _seconds("rate_limit_wait", rate_limit_wait, allow_zero=True)
+        self.retry_deadline = validate_seconds("retry_deadline", retry_deadline, allow_zero=True)
+        self.rate_limit_wait = validate_seconds("rate_limit_wait", rate_limit_wait, allow_zero=True)
         # One attempt, as a whole, lasts at most connect + read timeout: a server that
         # drips its answer cannot hold a call past it (only on our own session, whose
         # connections the guard can cut; a caller's ``http=`` session keeps its own rules).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from ._api import (
     APIClient,
     validate_api_timeout,
     validate_sandbox_id,
+    validate_seconds,
     validate_ttl,
 )
 from ._broker import SessionBroker
@@ -53,17 +53,6 @@ def _release(manager: SessionManager, api: APIClient) -> None:
             manager.close()
     finally:
         api.close()
-
-
-def _positive(name: str, value: object, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(f"{name} must be a number of seconds, got {type(value).__name__}")
-    # NaN compares false with everything: without this check it would retry forever.
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise InvalidArgument(
-            f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
-        )
-    return float(value)
 
 
 class SandboxSSH:
@@ -103,8 +92,8 @@ class SandboxSSH:
     ) -> None:
         self.sandbox_id = validate_sandbox_id(sandbox_id)
         self.ttl_seconds = validate_ttl(ttl_seconds)
-        self.connect_timeout = _positive("connect_timeout", connect_timeout)
-        keepalive = _positive("keepalive", keepalive, allow_zero=True)
+        self.connect_timeout = validate_seconds("connect_timeout", connect_timeout)
+        keepalive = validate_seconds("keepalive", keepalive, allow_zero=True)
         if isinstance(max_connections, bool) or not isinstance(max_connections, int) or not (
             1 <= max_connections <= 256
         ):
@@ -119,7 +108,7 @@ class SandboxSSH:
         else:
             policy = host_key_policy or PinFirstHostKey()
         self.host_key_policy = policy
-        rate_limit_wait = _positive("rate_limit_wait", rate_limit_wait, allow_zero=True)
+        rate_limit_wait = validate_seconds("rate_limit_wait", rate_limit_wait, allow_zero=True)
         api_timeout = validate_api_timeout(api_timeout)
         self._api = APIClient(
             api_key=api_key,
