@@ -212,7 +212,7 @@ def wait_until(pred: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
 def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # ENOENT, or ESRCH while the process is being reaped
         return False
     return state != "Z"
 
