@@ -52,7 +52,7 @@ from ._exceptions import (
 from ._holder import HolderStartError, close_holder, ensure_holder, list_holders
 from ._runner import build_command
 from ._sandbox import SandboxSSH
-from ._stream import stream_command
+from ._stream import StreamOutcome, stream_command
 from ._version import __version__
 
 log = logging.getLogger("sshbridge.cli")
@@ -429,8 +429,27 @@ def exec_cmd(
         held = _exec_in_holder(config, sandbox, job, g)
         if held is not None:
             return held
+    try:
+        outcome = _exec_direct(ctx, sandbox, words, cwd, variables, timeout, tty, no_stdin)
+    except (SSHError, APIConnectionError) as exc:
+        raise CLIError(str(exc), 255) from None  # as ssh: 255 when the connection fails
+    if outcome.message:
+        raise CLIError(outcome.message, outcome.status)
+    return outcome.status
+
+
+def _exec_direct(
+    ctx: typer.Context,
+    sandbox: str,
+    words: list[str],
+    cwd: str | None,
+    variables: dict[str, str],
+    timeout: float | None,
+    tty: bool,
+    no_stdin: bool,
+) -> StreamOutcome:
     with _connect(ctx, sandbox) as shell:
-        outcome = stream_command(
+        return stream_command(
             shell._manager.source(),
             _command_argv(words),
             cwd=cwd,
@@ -441,9 +460,6 @@ def exec_cmd(
             stdout_fd=sys.stdout.fileno(),
             stderr_fd=sys.stderr.fileno(),
         )
-    if outcome.message:
-        raise CLIError(outcome.message, outcome.status)
-    return outcome.status
 
 
 def _exec_in_holder(config: Any, sandbox: str, job: dict[str, Any], g: Globals) -> int | None:

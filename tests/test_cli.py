@@ -469,3 +469,28 @@ def test_emulator_command(cli_env: dict[str, str], tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("persist", ["--no-persist", "--persist=60"])
+def test_exec_exits_255_when_the_connection_is_lost(
+    emu: Emulator, sandbox: str, cli_env: dict[str, str], persist: str
+) -> None:
+    """As ssh does: a connection lost mid-command is 255, never the remote's status."""
+    proc = subprocess.Popen(
+        [*CLI, persist, "exec", sandbox, "--", "echo started; sleep 7.3141"],
+        env=cli_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"
+        emu.cut_connections()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 255, err
+    assert "sshbridge: error: " in err.decode()
