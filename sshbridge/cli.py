@@ -569,7 +569,13 @@ def _split_remote(spec: str) -> tuple[str, str] | None:
     m = _REMOTE_RE.match(spec)
     if m is None:
         return None
-    return m.group(1), m.group(2) or "."
+    path = m.group(2) or "."
+    # As scp: ~ is the remote home, where relative SFTP paths start anyway.
+    if path == "~":
+        path = "."
+    elif path.startswith("~/"):
+        path = path[2:] or "."
+    return m.group(1), path
 
 
 class _Progress:
@@ -623,10 +629,34 @@ class _Progress:
 
         return callback
 
+    def tree(self, name: str) -> Callable[[int, int], None] | None:
+        """A callback for a whole tree whose size is learned as it goes."""
+        if self._bar is None:
+            return None
+        short = name if len(name) <= 40 else "..." + name[-37:]
+        self._bar.update(self._task, description=short)
+
+        def callback(done: int, total: int) -> None:
+            self._bar.update(self._task, completed=done, total=total)
+
+        return callback
+
     def done(self, size: int) -> None:
         self._base += size
         if self._bar is not None:
             self._bar.update(self._task, completed=self._base)
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root``, links not followed (as put_dir)."""
+    total = 0
+    for here, _dirs, names in os.walk(root):
+        for n in names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(here, n))
+                if stat_mod.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
 
 
 def _remote_is_dir(shell: SandboxSSH, path: str) -> bool:
@@ -644,36 +674,10 @@ def _upload(shell: SandboxSSH, src: Path, dst: str, recursive: bool, progress: b
             raise InvalidArgument(f"{str(src)!r} is a directory; use -r to copy a tree")
         name = Path(os.path.abspath(src)).name
         target = posixpath.join(dst, name) if _remote_is_dir(shell, dst) and name else dst
-        dirs: list[tuple[str, int]] = []
-        files: list[tuple[Path, str, int]] = []
-        # Symbolic links to directories are followed, like scp -r, except into one of
-        # their own ancestors (a loop).
-        ancestors: dict[str, frozenset[tuple[int, int]]] = {}
-        for here, subdirs, names in os.walk(src, followlinks=True):
-            st = os.stat(here)
-            inode = (st.st_dev, st.st_ino)
-            above = ancestors.get(os.path.dirname(here), frozenset())
-            if inode in above:
-                log.warning("skipping %s: a symbolic link loop", here)
-                subdirs[:] = []
-                continue
-            ancestors[here] = above | {inode}
-            subdirs.sort()
-            rel = os.path.relpath(here, src)
-            rdir = target if rel == "." else posixpath.join(target, *Path(rel).parts)
-            dirs.append((rdir, stat_mod.S_IMODE(st.st_mode)))
-            for n in sorted(names):
-                path = Path(here, n)
-                if path.is_file():
-                    files.append((path, posixpath.join(rdir, n), path.stat().st_size))
-                else:
-                    log.warning("skipping %s: not a regular file", path)
-        with _Progress(progress, sum(f[2] for f in files)) as bar:
-            for rdir, mode in dirs:
-                shell.makedirs(rdir, mode=mode | 0o700, exist_ok=True)
-            for path, rpath, size in files:
-                shell.put(path, rpath, callback=bar.file(str(path)))
-                bar.done(size)
+        # The library's tree copy: modes, mtimes, empty directories, symlinks kept as
+        # links (never followed), each file atomic.
+        with _Progress(progress, _tree_bytes(src)) as bar:
+            shell.put_dir(src, target, callback=bar.file(str(src)))
         return
     if not src.exists():
         raise CLIError(f"{str(src)!r}: no such file or directory")
@@ -682,35 +686,6 @@ def _upload(shell: SandboxSSH, src: Path, dst: str, recursive: bool, progress: b
     with _Progress(progress, src.stat().st_size) as bar:
         shell.put(src, dst, callback=bar.file(src.name))
         bar.done(src.stat().st_size)
-
-
-def _walk_remote(
-    shell: SandboxSSH,
-    rdir: str,
-    ldir: Path,
-    depth: int,
-    out: list[tuple[str, Path, int]],
-    dirs: list[Path],
-) -> None:
-    if depth > 64:
-        raise CLIError(f"remote tree too deep at {rdir!r} (a symbolic link loop?)")
-    dirs.append(ldir)
-    for name in sorted(shell.listdir(rdir)):
-        rpath = posixpath.join(rdir, name)
-        try:
-            attrs = shell.stat(rpath)
-        except RemotePathError as exc:
-            if exc.is_not_found:  # a dangling symlink, or removed meanwhile
-                log.warning("skipping %s: %s", rpath, exc)
-                continue
-            raise
-        mode = attrs.st_mode or 0
-        if stat_mod.S_ISDIR(mode):
-            _walk_remote(shell, rpath, ldir / name, depth + 1, out, dirs)
-        elif stat_mod.S_ISREG(mode):
-            out.append((rpath, ldir / name, attrs.st_size or 0))
-        else:
-            log.warning("skipping %s: not a regular file", rpath)
 
 
 def _download(shell: SandboxSSH, src: str, dst: Path, recursive: bool, progress: bool) -> None:
@@ -722,15 +697,9 @@ def _download(shell: SandboxSSH, src: str, dst: Path, recursive: bool, progress:
         target = dst / name if dst.is_dir() and name not in ("", ".", "..") else dst
         if not target.parent.is_dir():
             raise CLIError(f"local directory {str(target.parent)!r} does not exist")
-        files: list[tuple[str, Path, int]] = []
-        dirs: list[Path] = []
-        _walk_remote(shell, src, target, 0, files, dirs)
-        for d in dirs:
-            d.mkdir(exist_ok=True)
-        with _Progress(progress, sum(f[2] for f in files)) as bar:
-            for rpath, lpath, size in files:
-                shell.get(rpath, lpath, callback=bar.file(rpath))
-                bar.done(size)
+        # get_dir never writes through a local symlink and keeps modes and mtimes.
+        with _Progress(progress, 0) as bar:
+            shell.get_dir(src, target, callback=bar.tree(src))
         return
     if not stat_mod.S_ISREG(attrs.st_mode or stat_mod.S_IFREG):
         raise CLIError(f"remote {src!r} is not a regular file")

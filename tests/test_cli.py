@@ -152,7 +152,8 @@ def _make_tree(root: Path) -> None:
     (root / "a" / "b" / "zero").write_bytes(b"")
     (root / "a" / "b" / "run.sh").write_text("#!/bin/sh\n")
     (root / "a" / "b" / "run.sh").chmod(0o755)
-    (root / "linked").symlink_to("a/b")  # followed, like scp -r
+    (root / "linked").symlink_to("a/b")  # kept as a link, as put_dir/get_dir do
+    os.utime(root / "top.txt", (1_600_000_000, 1_600_000_000))
 
 
 def _assert_same_tree(left: Path, right: Path) -> None:
@@ -187,6 +188,31 @@ def test_cp_recursive_round_trip(
     r = run_cli("cp", "--recursive", f"{sandbox}:copy/tree", str(tmp_path / "down"), env=cli_env)
     assert r.returncode == 0, r.stderr
     _assert_same_tree(tree, tmp_path / "down" / "tree")
+    # The library's tree copy underneath: links stay links, mtimes are kept, both ways.
+    for copied in (box / "copy" / "tree", tmp_path / "down" / "tree"):
+        assert (copied / "linked").is_symlink() and os.readlink(copied / "linked") == "a/b"
+        assert (copied / "top.txt").stat().st_mtime == 1_600_000_000
+    # ~/ is the sandbox's home, where relative paths start.
+    r = run_cli("cp", "-r", str(tree), f"{sandbox}:~/tilde", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    _assert_same_tree(tree, box / "tilde")
+
+
+def test_cp_download_never_writes_through_a_local_symlink(
+    emu: Emulator, sandbox: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    box = emu.sandbox_dir(sandbox)
+    (box / "t" / "sub").mkdir(parents=True)
+    (box / "t" / "sub" / "f.txt").write_text("remote\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    down = tmp_path / "down"
+    down.mkdir()
+    (down / "sub").symlink_to(outside)  # a trap: writing through it would land outside
+    r = run_cli("cp", "-r", f"{sandbox}:t/.", str(down), env=cli_env)
+    assert r.returncode != 0
+    one_error_line(r.stderr)
+    assert list(outside.iterdir()) == []
 
 
 def test_cp_errors(emu: Emulator, sandbox: str, cli_env: dict[str, str], tmp_path: Path) -> None:
