@@ -23,8 +23,8 @@ can catch at whatever level they care about::
     │   ├── SandboxNotRunning                  status is not RUNNING (.status)
     │   └── SandboxNotSupported                the API says this sandbox cannot serve SSH
     ├── SSHError
-    │   ├── SSHConnectError                    the sidecar was not reachable/accepting in time
-    │   ├── HostKeyMismatch                    the sidecar presented a different host key
+    │   ├── SSHConnectError                    the SSH endpoint was not reachable/accepting in time
+    │   ├── HostKeyMismatch                    the server presented a different host key
     │   ├── ConnectionLost                     an established connection dropped
     │   │   └── SessionExpired                 ... because the session's life ended
     │   ├── ChannelOpenError                   the server refused a new channel
@@ -203,7 +203,7 @@ class SSHError(SSHBridgeError):
 
 
 class SSHConnectError(SSHError):
-    """The sidecar could not be reached or did not accept the key before the deadline."""
+    """The SSH endpoint could not be reached or did not accept the key before the deadline."""
 
 
 class HostKeyMismatch(SSHError):

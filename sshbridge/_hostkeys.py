@@ -1,4 +1,4 @@
-"""Host-key policies for the sidecar.
+"""Host-key policies for the sandboxes' SSH servers (both session contracts).
 
 The provider's own client disables host-key checking. sshbridge does not: by default the
 first host key a sandbox presents is pinned for the life of the ``SandboxSSH`` object, and
@@ -50,7 +50,7 @@ class PinFirstHostKey(HostKeyPolicy):
             raise HostKeyMismatch(
                 f"sandbox {sandbox_id}: the SSH server at {host}:{port} presented host key "
                 f"{describe(key)}, but this connection pinned {describe(known)} earlier. "
-                "Someone may be intercepting the connection. If the sidecar rotates its keys "
+                "Someone may be intercepting the connection. If the server rotates its keys "
                 "by design, use known_hosts=... or host_key_policy=AcceptAnyHostKey()",
                 expected=describe(known),
                 actual=describe(key),
@@ -60,8 +60,8 @@ class PinFirstHostKey(HostKeyPolicy):
 class KnownHostsFile(HostKeyPolicy):
     """Check against an OpenSSH ``known_hosts`` file.
 
-    Entries are looked up as ``[host]:port``, then ``host``, then the sandbox id (sidecar
-    ports change per session, so a sandbox-id entry is the stable one). ``@revoked`` keys
+    Entries are looked up as ``[host]:port``, then ``host``, then the sandbox id (ports
+    may change per session, so a sandbox-id entry is the stable one). ``@revoked`` keys
     are never accepted; ``@cert-authority`` lines (host certificates, which sandboxes do
     not present) and lines that cannot be read are skipped with a warning naming their
     line numbers. With ``accept_new=True`` an unknown sandbox is appended under its id.

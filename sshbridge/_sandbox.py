@@ -153,7 +153,7 @@ class SandboxSSH:
         self.close()
 
     def connect(self) -> SandboxSSH:
-        """Check the sandbox, create a session, authorize a key and connect."""
+        """Create a session for a fresh key (either contract) and connect."""
         self._current_link()
         return self
 
