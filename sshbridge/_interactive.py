@@ -133,7 +133,7 @@ class _Signals:
                     pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -226,9 +226,9 @@ def _pump(
             sel.register(sigs.read_fd, selectors.EVENT_READ, "winch")
         while True:
             while chan.recv_ready():
-                _write_all(stdout, chan.recv(_CHUNK))
+                write_all(stdout, chan.recv(_CHUNK))
             while chan.recv_stderr_ready():
-                _write_all(stderr, chan.recv_stderr(_CHUNK))
+                write_all(stderr, chan.recv_stderr(_CHUNK))
             if chan.eof_received or chan.closed:
                 if not (chan.recv_ready() or chan.recv_stderr_ready()):
                     break

@@ -305,13 +305,14 @@ def start_command(
             busy = bool(note()) if refused and alive and callable(note) else False
             chan.close()
             if not (refused and alive):
-                raise source.lost_error(f"starting {_short(display)} failed: {exc}") from None
+                what_failed = f"starting {short_display(display)} failed: {exc}"
+                raise source.lost_error(what_failed) from None
         except BaseException:
             chan.close()
             raise
         if not busy or time.monotonic() >= limit:
             raise ChannelRequestRefused(
-                f"the server refused the {what!r} request for {_short(display)} (the "
+                f"the server refused the {what!r} request for {short_display(display)} (the "
                 "connection is fine; the command never started)"
                 + (f"; still refused after {time.monotonic() - first:.1f} s" if busy else ""),
                 request=what,
@@ -433,14 +434,14 @@ def execute(
                 else "stopping it on the sandbox failed, so it may still run"
             )
             raise CommandTimeout(
-                f"command {_short(display)} did not finish within {timeout:g} s; {how} "
+                f"command {short_display(display)} did not finish within {timeout:g} s; {how} "
                 "(use spawn() for long-running work, or raise timeout)",
                 result=result,
                 timeout=float(timeout or 0),
             )
         status_known = chan.status_event.is_set() and chan.exit_status != -1
-        if not status_known and _connection_going_down(chan):
-            raise source.lost_error(f"while running {_short(display)}")
+        if not status_known and connection_going_down(chan):
+            raise source.lost_error(f"while running {short_display(display)}")
         result = CommandResult(
             display,
             chan.recv_exit_status() if status_known else -1,
@@ -464,14 +465,14 @@ def execute(
             feeder.join(timeout=1.0)
     if check and not result.ok:
         raise CommandError(
-            f"command {_short(display)} exited with status {result.exit_code}"
+            f"command {short_display(display)} exited with status {result.exit_code}"
             + (f": {_tail(result.stderr)}" if result.stderr_bytes else ""),
             result=result,
         )
     return result
 
 
-def _connection_going_down(chan: paramiko.Channel, grace: float = 0.3) -> bool:
+def connection_going_down(chan: paramiko.Channel, grace: float = 0.3) -> bool:
     """A channel closed with no exit status: a signal-killed command (OpenSSH sends only
     exit-signal), or the first sign of a dropped connection, whose channels close just
     before the transport does. Tell them apart by watching the transport briefly."""
@@ -522,7 +523,8 @@ def stop_remote(
             chan.close()
 
 
-def _short(text: str, limit: int = 80) -> str:
+def short_display(text: str, limit: int = 80) -> str:
+    """A command for a message: one line, at most ``limit`` characters, quoted."""
     text = text.replace("\n", " ")
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 import paramiko
 
 from ._cancel import new_token
+from ._interactive import write_all
 from ._runner import (
     ChannelSource,
-    _connection_going_down,
     build_command,
     check_timeout,
+    connection_going_down,
     send_eof,
+    short_display,
     start_command,
     stop_remote,
 )
@@ -46,20 +48,8 @@ class StreamOutcome:
     message: str | None = None
 
 
-def _short(text: str, limit: int = 80) -> str:
-    text = text.replace("\n", " ")
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            select.select([], [fd], [], 1.0)
-            continue
-        view = view[n:]
 
 
 class _Feeder(threading.Thread):
@@ -153,9 +143,9 @@ def stream_command(
         while True:
             try:
                 while chan.recv_ready():
-                    _write_all(stdout_fd, chan.recv(_CHUNK))
+                    write_all(stdout_fd, chan.recv(_CHUNK))
                 while chan.recv_stderr_ready():
-                    _write_all(stderr_fd, chan.recv_stderr(_CHUNK))
+                    write_all(stderr_fd, chan.recv_stderr(_CHUNK))
             except OSError as exc:
                 if exc.errno != errno.EPIPE:
                     raise
@@ -203,12 +193,12 @@ def stream_command(
                 )
                 outcome = StreamOutcome(
                     124,
-                    f"command {_short(display)} did not finish within {timeout:g} s; {how}",
+                    f"command {short_display(display)} did not finish within {timeout:g} s; {how}",
                 )
             else:
                 known = chan.status_event.is_set() and chan.exit_status != -1
-                if not known and _connection_going_down(chan):
-                    raise source.lost_error(f"while running {_short(display)}")
+                if not known and connection_going_down(chan):
+                    raise source.lost_error(f"while running {short_display(display)}")
                 if known:
                     code = chan.recv_exit_status()
                     outcome = StreamOutcome(code if 0 <= code <= 255 else 255)
