@@ -190,7 +190,8 @@ def close_holder(path: Path) -> bool:
     """Ask a holder to close its sessions and exit; True once it has."""
     try:
         answer = _protocol.request(path, {"op": "close"}, timeout=60.0)
-    except _protocol.HolderUnavailable:
+    except (_protocol.HolderUnavailable, _protocol.ProtocolError, OSError) as exc:
+        log.debug("could not close the holder at %s: %s", path, exc)
         return False
     return bool(answer.get("closed"))
 
@@ -210,6 +211,8 @@ class Holder:
         self.stopping = False
         self.stop_requested = False
         self.done = threading.Event()
+        self.close_requested = False
+        self.replied = threading.Event()  # the answer to a `close` request is sent
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -244,9 +247,13 @@ class Holder:
                     idle_left = (
                         None if self.active else self.last_used + self.persist - time.monotonic()
                     )
+                    if idle_left is not None and idle_left <= 0:
+                        # Decided under the lock: no job is accepted after this point.
+                        self.stopping = True
                 if idle_left is not None and idle_left <= 0:
                     log.info("idle for %g s: exiting", self.persist)
-                    break
+                    self._close_down()
+                    return
                 wait = 60.0 if idle_left is None else min(idle_left, 60.0)
                 listen_fd = self.listener.fileno()
                 ready, _, _ = select.select([listen_fd, self.wake_r], [], [], wait)
@@ -274,6 +281,9 @@ class Holder:
         if wait:
             self.done.wait(60)
             return
+        self._close_down()
+
+    def _close_down(self) -> None:
         try:
             # Only our own socket: a new holder may have replaced a stale one meanwhile.
             with contextlib.suppress(OSError):
@@ -322,8 +332,14 @@ class Holder:
             elif op == "ping":
                 _protocol.send_message(conn, {"ok": True})
             elif op == "close":
-                self.shutdown()
-                _protocol.send_message(conn, {"closed": True})
+                self.close_requested = True
+                try:
+                    self.shutdown()
+                finally:
+                    # Before the process can end: main() returns once shutdown is done.
+                    with contextlib.suppress(OSError):
+                        _protocol.send_message(conn, {"closed": True})
+                    self.replied.set()
             else:
                 _protocol.send_message(conn, {"status": 2, "error": f"unknown request {op!r}"})
         except (OSError, _protocol.ProtocolError):
@@ -422,6 +438,13 @@ def main() -> int:
     os.umask(0o077)
     _setup_logging(path, int(spec.get("verbose") or 0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through SandboxSSH's close: no session left
+
+    # Until the holder is serving, a SIGTERM or SIGHUP ends it cleanly (sessions DELETEd).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
     try:
         shell = SandboxSSH(
             spec["sandbox"],
@@ -450,6 +473,8 @@ def main() -> int:
     log.info("holding %s (idle timeout %g s)", spec["sandbox"], holder.persist)
     try:
         holder.serve()
+        if holder.close_requested:
+            holder.replied.wait(5)  # `sshbridge close` is told before the process ends
     finally:
         with contextlib.suppress(OSError):
             if pid_file.read_text().strip() == str(os.getpid()):

@@ -50,7 +50,7 @@ from ._exceptions import (
     SSHError,
 )
 from ._holder import HolderStartError, close_holder, ensure_holder, list_holders
-from ._runner import build_command
+from ._runner import build_command, check_timeout
 from ._sandbox import SandboxSSH
 from ._stream import StreamOutcome, stream_command
 from ._version import __version__
@@ -290,11 +290,12 @@ def _main_options(
 ) -> None:
     _setup_logging(verbose)
     try:
-        linger = persist_seconds(None if persist is None else repr(persist), no_persist)
+        linger = persist_seconds(None if persist is None else format(persist, "g"), no_persist)
     except ValueError:
+        given = os.environ.get(PERSIST_ENV) if persist is None else format(persist, "g")
         raise typer.BadParameter(
-            f"{os.environ.get(PERSIST_ENV)!r} is not a number of seconds",
-            param_hint=f"${PERSIST_ENV}",
+            f"{given!r} is not a number of seconds (0 turns persistence off)",
+            param_hint="--persist" if persist is not None else f"${PERSIST_ENV}",
         ) from None
     ctx.obj = Globals(api_key=api_key, base_url=base_url, ttl=ttl, verbose=verbose, persist=linger)
 
@@ -414,6 +415,7 @@ def exec_cmd(
     validate_sandbox_id(sandbox)
     # Bad input costs no session (and no holder).
     build_command(_command_argv(words), cwd=cwd, env=variables or None)
+    check_timeout(timeout)
     g = _globals(ctx)
     if g.persist is not None:
         config = load_config(api_key=g.api_key, base_url=g.base_url)

@@ -172,7 +172,7 @@ def request(path: Path, message: dict[str, Any], timeout: float = 30.0) -> dict[
 def is_alive(path: Path) -> bool:
     try:
         sock = connect(path, 2.0)
-    except (HolderUnavailable, PermissionError):
+    except (HolderUnavailable, OSError):  # none, another user's, or hung: not one to use
         return False
     sock.close()
     return True
@@ -199,14 +199,21 @@ def attach_exec(
     Raises HolderUnavailable if no holder took the job (nothing ran), ProtocolError if
     the holder broke off, Interrupted on Ctrl-C / SIGTERM (after the holder stopped the
     command, for a bounded time)."""
-    sock = connect(path)
     try:
-        send_message(sock, dict(job, op="exec"), fds)
+        sock = connect(path)
+    except _Terminate:
+        raise Interrupted(143, "terminated") from None
+    try:
         reader = LineReader(sock)
         try:
+            # Until the holder says "accepted", nothing ran: a holder that went away
+            # (idle exit) as we came is someone to start again, not an error.
+            send_message(sock, dict(job, op="exec"), fds)
             first = reader.read()
         except OSError as exc:
             raise HolderUnavailable(str(exc)) from None
+        except _Terminate:
+            raise Interrupted(143, "terminated") from None
         if first is None or not first.get("accepted"):
             if first is not None and "status" in first:
                 return int(first["status"]), first.get("error")
