@@ -111,7 +111,7 @@ class Link:
     @property
     def alive(self) -> bool:
         with self._lock:
-            return any(c.transport.is_active() for c in self._conns)
+            return any(c.transport.is_active() and _peer_open(c.transport) for c in self._conns)
 
     @property
     def closed(self) -> bool:
@@ -174,6 +174,8 @@ class Link:
                 self._prune()
                 if self._generation != seen:
                     return True
+                if not self._conns:
+                    return False  # all lost: the session manager reconnects, not this
                 if len(self._conns) >= self.max_connections:
                     return False
                 count = len(self._conns)
@@ -223,12 +225,16 @@ class Link:
                         timeout=max(1.0, deadline - time.monotonic()),
                         max_packet_size=max_packet_size,
                     )
-                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
+                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
                     with self._lock:
                         c.channels -= 1
                         self.active_channels -= 1
                         self._idle.notify_all()
-                        if c.transport.is_active():
+                        # Only the server's OPEN_FAILURE is a refusal. A transport dying
+                        # under the open is a lost connection: growing the link then
+                        # would hide it from the session manager (stopped sandbox,
+                        # reconnect count) and wait out a connect to a closed exposure.
+                        if isinstance(exc, paramiko.ChannelException):
                             refused += 1
                             c.full_at = max(1, c.channels)
                             c.refused_until = time.monotonic() + REFUSAL_MEMORY
@@ -362,12 +368,14 @@ class Link:
                 self._spare_pending = True
             try:
                 chan = conn.transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
-            except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError):
+            except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
                 with self._lock:
                     self._spare_pending = False
                     conn.channels -= 1
                     self.active_channels -= 1
                     self._idle.notify_all()
+                    if not isinstance(exc, paramiko.ChannelException):
+                        continue  # the connection is gone, not full
                     # At the server's cap: no spare until the refusal is forgotten, and
                     # the connection counts as full at this load, as after any refusal.
                     self._spare_refused_until = time.monotonic() + REFUSAL_MEMORY
@@ -489,6 +497,9 @@ class Link:
             keeper.join(2.0)  # its open fails at once now that the transports are closed
 
 
+_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)  # Linux only
+
+
 def _peer_open(transport: paramiko.Transport) -> bool:
     """False when the peer already closed or reset the TCP connection, which paramiko's
     reader thread may not have noticed yet: a spare channel on it must not be used, or
@@ -501,9 +512,14 @@ def _peer_open(transport: paramiko.Transport) -> bool:
         # paramiko's socket has a timeout, so a plain recv would wait for data first:
         # ask the kernel whether anything (data, FIN, RST) is pending, without waiting.
         poller = select.poll()  # not select(): descriptors past 1024 are common in fleets
-        poller.register(sock, select.POLLIN)
-        if not poller.poll(0):
+        # POLLRDHUP reports the peer's FIN even behind unread data (a server's
+        # DISCONNECT message usually precedes it).
+        poller.register(sock, select.POLLIN | _POLLRDHUP)
+        events = poller.poll(0)
+        if not events:
             return True  # nothing pending: open as far as the kernel knows
+        if events[0][1] & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return False
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
         return True

@@ -599,7 +599,11 @@ class _ConnServer(asyncssh.SSHServer):
         self._exp.conns.discard(self)
         if self._authed:
             self._authed = False
-            self._exp.sidecar.count(self._exp.session.internal_id, -1)
+            # asyncio closes the socket just after this callback returns: count the
+            # connection gone only then, so "no connections" means the peer can see it.
+            asyncio.get_running_loop().call_soon(
+                self._exp.sidecar.count, self._exp.session.internal_id, -1
+            )
 
     def disconnect(self, reason: str) -> None:
         if self._conn is not None:
