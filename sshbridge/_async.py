@@ -17,15 +17,17 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import functools
+import inspect
 import logging
-import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 
-import paramiko
-
+from ._api import APIClient
+from ._cancel import CallControl
+from ._config import Config
 from ._exceptions import CommandTimeout, InvalidArgument
 from ._fleet import (
     DEFAULT_MAX_CONNECTIONS,
@@ -33,20 +35,20 @@ from ._fleet import (
     Fleet,
     FleetResult,
     FleetResults,
+    MapOp,
+    Op,
+    Outcome,
     PathArg,
     ProgressArg,
-    _check_progress,
-    _Control,
-    _kill_on,
-    _MapOp,
-    _Op,
-    _Outcome,
-    _Progress,
+    ProgressReporter,
+    check_progress,
 )
 from ._jobs import Job, JobStatus, check_interval
+from ._models import SSHSession
 from ._result import CommandResult
-from ._runner import build_command, check_timeout
+from ._runner import ChannelSource, build_command, check_timeout, stop_remote
 from ._sandbox import SandboxSSH
+from ._sftp import RemoteFile
 
 log = logging.getLogger("sshbridge.async")
 
@@ -80,7 +82,7 @@ async def _finish_in_thread(fn: Callable[[], object]) -> None:
             await asyncio.shield(waiter)
 
 
-async def _await_call(fut: cf.Future[T], ctl: _Control | None) -> T:
+async def _await_call(fut: cf.Future[T], ctl: CallControl | None) -> T:
     """Await a worker-thread call; on cancellation stop it (kill its remote command when
     ``ctl`` allows it) and wait until the thread is done, then re-raise."""
     wrapped = asyncio.wrap_future(fut)
@@ -105,6 +107,55 @@ async def _wait_all(tasks: Sequence[asyncio.Future[Any]]) -> None:
             await asyncio.wait(tasks)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _public_signature(method: Callable[..., Any]) -> inspect.Signature:
+    sig = inspect.signature(method)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+class _Blocking(Generic[P, R]):
+    """``SandboxSSH.<name>`` as a coroutine method of ``AsyncSandboxSSH``: the same
+    parameters (checked by a test), run on the object's worker threads.
+
+    A keyword ``callback`` (every transfer has one) is where a cancelled await aborts
+    the transfer, at its next chunk; the await returns once the thread is done.
+    """
+
+    def __init__(self, method: Callable[Concatenate[SandboxSSH, P], R]) -> None:
+        self.method = method
+        self.name = method.__name__
+        self.signature = _public_signature(method)
+        callback = self.signature.parameters.get("callback")
+        self.aborts = callback is not None and callback.kind is inspect.Parameter.KEYWORD_ONLY
+        self.__doc__ = f"As :meth:`SandboxSSH.{self.name}`, awaitable.\n\n{method.__doc__ or ''}"
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> _Blocking[P, R]: ...
+
+    @overload
+    def __get__(
+        self, obj: AsyncSandboxSSH, owner: type[Any]
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    def __get__(
+        self, obj: AsyncSandboxSSH | None, owner: type[Any]
+    ) -> _Blocking[P, R] | Callable[P, Coroutine[Any, Any, R]]:
+        if obj is None:
+            return self
+        spec = self
+
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            return await obj._blocking(spec, args, kwargs)
+
+        call.__name__ = call.__qualname__ = self.name
+        call.__doc__ = self.__doc__
+        call.__signature__ = self.signature  # type: ignore[attr-defined]
+        return call
+
+
 class AsyncSandboxSSH:
     """``SandboxSSH`` for asyncio code::
 
@@ -113,6 +164,8 @@ class AsyncSandboxSSH:
             await shell.put("data.tar", "/workspace/")
             job = await shell.spawn("python train.py")
 
+    Every method of :class:`SandboxSSH` is here with the same parameters, as a
+    coroutine (``interactive()``, which takes over the terminal, is the exception).
     Options are those of :class:`SandboxSSH`. ``max_workers`` bounds the calls running at
     once (each holds a thread while it runs); more wait their turn. Output callbacks
     (``on_stdout``...) are called from that worker thread.
@@ -141,12 +194,31 @@ class AsyncSandboxSSH:
         return self._shell.closed
 
     @property
-    def session(self) -> Any:
+    def config(self) -> Config:
+        return self._shell.config
+
+    @property
+    def api(self) -> APIClient:
+        return self._shell.api
+
+    @property
+    def session(self) -> SSHSession | None:
         return self._shell.session
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return self._shell.expires_at
 
     @property
     def renewals(self) -> int:
         return self._shell.renewals
+
+    @property
+    def reconnects(self) -> int:
+        return self._shell.reconnects
+
+    def channel_source(self) -> ChannelSource:
+        return self._shell.channel_source()
 
     async def __aenter__(self) -> AsyncSandboxSSH:
         try:
@@ -159,10 +231,24 @@ class AsyncSandboxSSH:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    def _check_open(self) -> None:
         if self._shell.closed:
             raise InvalidArgument(f"{self!r} is closed; create a new one")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        self._check_open()
         return await _await_call(self._pool.submit(fn, *args, **kw), None)
+
+    async def _blocking(
+        self, spec: _Blocking[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
+        self._check_open()
+        ctl: CallControl | None = None
+        if spec.aborts:
+            ctl = CallControl()
+            kwargs = {**kwargs, "callback": ctl.callback(kwargs.get("callback"))}
+        fut = self._pool.submit(spec.method, self._shell, *args, **kwargs)
+        return await _await_call(fut, ctl)
 
     async def connect(self) -> AsyncSandboxSSH:
         await self._call(self._shell.connect)
@@ -175,6 +261,11 @@ class AsyncSandboxSSH:
             await _finish_in_thread(self._shell.close)
         # close() failed whatever was still running, so this joins idle threads only.
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- session and sandbox -------------------------------------------------------------
+
+    sandbox = _Blocking(SandboxSSH.sandbox)
+    renew = _Blocking(SandboxSSH.renew)
 
     # -- commands --------------------------------------------------------------------------
 
@@ -196,14 +287,19 @@ class AsyncSandboxSSH:
         """As :meth:`SandboxSSH.run`; cancelling the awaiting task stops the command."""
         build_command(command, cwd=cwd, env=env)
         check_timeout(timeout)
-        if self._shell.closed:
-            raise InvalidArgument(f"{self!r} is closed; create a new one")
-        ctl = _Control()
-        ctl.killer = _kill_on(self._shell)
+        self._check_open()
+        ctl = CallControl()
+        shell = self._shell
+
+        def kill(token: str) -> None:
+            if not shell.closed:
+                stop_remote(shell.channel_source(), token)
+
+        ctl.killer = kill
 
         def call() -> CommandResult:
             ctl.check()
-            return self._shell.run(
+            return shell.run(
                 command,
                 cwd=cwd,
                 env=ctl.env(env),
@@ -232,74 +328,138 @@ class AsyncSandboxSSH:
         return AsyncJob(self, job)
 
     async def job(self, job_id: str) -> AsyncJob:
+        """Re-attach to a job started by ``spawn`` (see :meth:`SandboxSSH.job`)."""
         return AsyncJob(self, await self._call(self._shell.job, job_id))
 
     # -- files -----------------------------------------------------------------------------
 
-    async def put(
+    put = _Blocking(SandboxSSH.put)
+    get = _Blocking(SandboxSSH.get)
+    put_dir = _Blocking(SandboxSSH.put_dir)
+    get_dir = _Blocking(SandboxSSH.get_dir)
+    putfo = _Blocking(SandboxSSH.putfo)
+    getfo = _Blocking(SandboxSSH.getfo)
+    listdir = _Blocking(SandboxSSH.listdir)
+    stat = _Blocking(SandboxSSH.stat)
+    exists = _Blocking(SandboxSSH.exists)
+    makedirs = _Blocking(SandboxSSH.makedirs)
+    remove = _Blocking(SandboxSSH.remove)
+    read_bytes = _Blocking(SandboxSSH.read_bytes)
+    read_text = _Blocking(SandboxSSH.read_text)
+    write_bytes = _Blocking(SandboxSSH.write_bytes)
+    write_text = _Blocking(SandboxSSH.write_text)
+
+    async def open(self, path: str, mode: str = "r", bufsize: int = -1) -> AsyncRemoteFile:
+        """As :meth:`SandboxSSH.open`; the file's methods are coroutines::
+
+        async with await shell.open("/etc/hostname") as fh:
+            text = await fh.read()
+        """
+        fh = await self._call(self._shell.open, path, mode, bufsize)
+        return AsyncRemoteFile(self, fh)
+
+    # -- port forwarding -----------------------------------------------------------------
+
+    def forward(
         self,
-        local: str | os.PathLike[str],
-        remote: str,
+        remote_port: int,
+        local_port: int = 0,
+        remote_host: str = "127.0.0.1",
+        local_host: str = "127.0.0.1",
         *,
-        preserve_mode: bool = True,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> str:
-        """As :meth:`SandboxSSH.put`; a cancelled upload is aborted, the target untouched."""
-        ctl = _Control()
-        fut = self._pool.submit(
-            self._shell.put,
-            local,
-            remote,
-            preserve_mode=preserve_mode,
-            callback=ctl.callback(callback),
+        max_connections: int = 64,
+    ) -> AsyncForward:
+        """As :meth:`SandboxSSH.forward`: ``async with shell.forward(8888) as port``."""
+        return AsyncForward(
+            self,
+            self._shell.forward(
+                remote_port, local_port, remote_host, local_host, max_connections=max_connections
+            ),
         )
-        return await _await_call(fut, ctl)
 
-    async def get(
+    def forward_remote(
         self,
-        remote: str,
-        local: str | os.PathLike[str],
+        remote_port: int,
+        local_port: int,
+        local_host: str = "127.0.0.1",
+        remote_host: str = "127.0.0.1",
         *,
-        preserve_mode: bool = True,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> Path:
-        """As :meth:`SandboxSSH.get`; a cancelled download leaves no local file."""
-        ctl = _Control()
-        fut = self._pool.submit(
-            self._shell.get,
-            remote,
-            local,
-            preserve_mode=preserve_mode,
-            callback=ctl.callback(callback),
+        max_connections: int = 64,
+    ) -> AsyncForward:
+        """As :meth:`SandboxSSH.forward_remote`: ``async with shell.forward_remote(0, 5432)
+        as port`` (the port bound inside the sandbox)."""
+        return AsyncForward(
+            self,
+            self._shell.forward_remote(
+                remote_port, local_port, local_host, remote_host, max_connections=max_connections
+            ),
         )
-        return await _await_call(fut, ctl)
 
-    async def read_bytes(self, path: str) -> bytes:
-        return await self._call(self._shell.read_bytes, path)
 
-    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return (await self.read_bytes(path)).decode(encoding)
+class _Forward(Protocol):
+    def start(self) -> int: ...
 
-    async def write_bytes(self, path: str, data: bytes) -> None:
-        await self._call(self._shell.write_bytes, path, data)
+    def close(self) -> None: ...
 
-    async def write_text(self, path: str, text: str, encoding: str = "utf-8") -> None:
-        await self.write_bytes(path, text.encode(encoding))
 
-    async def listdir(self, path: str = ".") -> list[str]:
-        return await self._call(self._shell.listdir, path)
+class AsyncForward:
+    """A port forward for asyncio code: ``async with`` starts it (returning the port)
+    and closes it; ``await start()`` / ``await close()`` do the same by hand."""
 
-    async def stat(self, path: str) -> paramiko.SFTPAttributes:
-        return await self._call(self._shell.stat, path)
+    def __init__(self, shell: AsyncSandboxSSH, forward: _Forward) -> None:
+        self.shell = shell
+        self.sync = forward
 
-    async def exists(self, path: str) -> bool:
-        return await self._call(self._shell.exists, path)
+    def __repr__(self) -> str:
+        return f"Async{self.sync!r}"
 
-    async def makedirs(self, path: str, mode: int = 0o755, exist_ok: bool = True) -> None:
-        await self._call(self._shell.makedirs, path, mode, exist_ok)
+    async def start(self) -> int:
+        return await self.shell._call(self.sync.start)
 
-    async def remove(self, path: str) -> None:
-        await self._call(self._shell.remove, path)
+    async def close(self) -> None:
+        await _finish_in_thread(self.sync.close)
+
+    async def __aenter__(self) -> int:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncRemoteFile:
+    """A remote file for asyncio code (see :meth:`AsyncSandboxSSH.open`)."""
+
+    def __init__(self, shell: AsyncSandboxSSH, fh: RemoteFile) -> None:
+        self.shell = shell
+        self.sync = fh
+        self.path = fh.path
+
+    def __repr__(self) -> str:
+        return f"Async{self.sync!r}"
+
+    async def read(self, size: int | None = None) -> bytes:
+        return bytes(await self.shell._call(self.sync.read, size))
+
+    async def write(self, data: bytes) -> None:
+        await self.shell._call(self.sync.write, data)
+
+    async def seek(self, offset: int, whence: int = 0) -> None:
+        await self.shell._call(self.sync.seek, offset, whence)
+
+    async def tell(self) -> int:
+        return int(await self.shell._call(self.sync.tell))
+
+    async def flush(self) -> None:
+        await self.shell._call(self.sync.flush)
+
+    async def close(self) -> None:
+        await _finish_in_thread(self.sync.close)
+
+    async def __aenter__(self) -> AsyncRemoteFile:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class AsyncJob:
@@ -365,6 +525,55 @@ class AsyncJob:
             yield chunk
 
 
+class _BatchFleet(Fleet):
+    """The sync fleet, with the steps of a batch callable one by one, so that the
+    asyncio front end can await each member call (and cancel it) on its own."""
+
+    def select(self, sandboxes: Iterable[str] | None) -> list[str]:
+        return self._select(sandboxes)
+
+    def run_ops(
+        self,
+        command: Commands,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        input: str | bytes | None,
+        timeout: float | None,
+        check: bool,
+        pty: bool,
+        encoding: str,
+        sandboxes: Iterable[str] | None,
+    ) -> dict[str, Op[CommandResult]]:
+        return self._run_ops(command, cwd, env, input, timeout, check, pty, encoding, sandboxes)
+
+    def put_ops(
+        self,
+        local: PathArg | Callable[[str], PathArg],
+        remote: str | Callable[[str], str],
+        preserve_mode: bool,
+        sandboxes: Iterable[str] | None,
+    ) -> dict[str, Op[str]]:
+        return self._put_ops(local, remote, preserve_mode, sandboxes)
+
+    def get_ops(
+        self,
+        remote: str | Callable[[str], str],
+        local: PathArg | Callable[[str], PathArg],
+        preserve_mode: bool,
+        sandboxes: Iterable[str] | None,
+    ) -> dict[str, Op[Path]]:
+        return self._get_ops(remote, local, preserve_mode, sandboxes)
+
+    def check_open(self) -> None:
+        self._check_open()
+
+    def submit(self, sandbox_id: str, op: Op[T]) -> tuple[cf.Future[Outcome], CallControl]:
+        return self._submit(sandbox_id, op)
+
+    def collect(self, sandbox_id: str, op: Op[T], fut: cf.Future[Outcome]) -> FleetResult[T]:
+        return self._collect(sandbox_id, op, fut)
+
+
 class AsyncFleet:
     """:class:`Fleet` for asyncio code::
 
@@ -387,7 +596,7 @@ class AsyncFleet:
         connections_per_member: int | None = None,
         **options: Any,
     ) -> None:
-        self._fleet = Fleet(
+        self._fleet = _BatchFleet(
             sandbox_ids,
             max_connections=max_connections,
             keep_open=keep_open,
@@ -433,7 +642,7 @@ class AsyncFleet:
         raise_on_error: bool = False,
         progress: ProgressArg = None,
     ) -> FleetResults[CommandResult]:
-        ops = self._fleet._run_ops(
+        ops = self._fleet.run_ops(
             command, cwd, env, input, timeout, check, pty, encoding, sandboxes
         )
         return await self._batch(ops, raise_on_error, progress, "run")
@@ -448,7 +657,7 @@ class AsyncFleet:
         raise_on_error: bool = False,
         progress: ProgressArg = None,
     ) -> FleetResults[str]:
-        ops = self._fleet._put_ops(local, remote, preserve_mode, sandboxes)
+        ops = self._fleet.put_ops(local, remote, preserve_mode, sandboxes)
         return await self._batch(ops, raise_on_error, progress, "put")
 
     async def get(
@@ -461,7 +670,7 @@ class AsyncFleet:
         raise_on_error: bool = False,
         progress: ProgressArg = None,
     ) -> FleetResults[Path]:
-        ops = self._fleet._get_ops(remote, local, preserve_mode, sandboxes)
+        ops = self._fleet.get_ops(remote, local, preserve_mode, sandboxes)
         return await self._batch(ops, raise_on_error, progress, "get")
 
     async def map(
@@ -475,32 +684,32 @@ class AsyncFleet:
         """``fn(shell)`` per member, in worker threads (``fn`` is synchronous)."""
         if not callable(fn):
             raise InvalidArgument("fn must be callable with one SandboxSSH")
-        op: _Op[T] = _MapOp(fn)
-        ops = dict.fromkeys(self._fleet._select(sandboxes), op)
+        op: Op[T] = MapOp(fn)
+        ops = dict.fromkeys(self._fleet.select(sandboxes), op)
         return await self._batch(ops, raise_on_error, progress, "map")
 
     async def _batch(
         self,
-        ops: Mapping[str, _Op[T]],
+        ops: Mapping[str, Op[T]],
         raise_on_error: bool,
         progress: ProgressArg,
         what: str,
     ) -> FleetResults[T]:
         fleet = self._fleet
-        fleet._check_open()
-        reporter = _Progress(
-            fleet.progress if progress is None else _check_progress(progress), len(ops), what
+        fleet.check_open()
+        reporter = ProgressReporter(
+            fleet.progress if progress is None else check_progress(progress), len(ops), what
         )
         # Same bound as the sync path: at most max_connections calls submitted at once.
         slots = asyncio.Semaphore(fleet.max_connections)
         results: dict[str, FleetResult[T]] = {}
 
-        async def one(sandbox_id: str, op: _Op[T]) -> None:
+        async def one(sandbox_id: str, op: Op[T]) -> None:
             async with slots:
-                fut: cf.Future[_Outcome]
-                fut, ctl = fleet._submit(sandbox_id, op)
+                fut: cf.Future[Outcome]
+                fut, ctl = fleet.submit(sandbox_id, op)
                 await _await_call(fut, ctl)
-                results[sandbox_id] = fleet._collect(sandbox_id, op, fut)
+                results[sandbox_id] = fleet.collect(sandbox_id, op, fut)
                 reporter.advance(sandbox_id)
 
         tasks = [asyncio.ensure_future(one(sid, op)) for sid, op in ops.items()]

@@ -22,10 +22,17 @@ the tree frozen (STOP) first so that nothing forks between the scan and the kill
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import logging
 import secrets
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from ._exceptions import InvalidArgument
+from ._exceptions import InvalidArgument, SSHBridgeError
+
+log = logging.getLogger("sshbridge.cancel")
 
 CANCEL_VAR = "SSHBRIDGE_CANCEL_ID"
 
@@ -110,3 +117,59 @@ def kill_script(token: str, grace: float = 0.3) -> str:
         .replace("__TOKEN__", token)
         .replace("__STEPS__", str(steps))
     )
+
+
+class Interrupted(SSHBridgeError):
+    """Raised inside a call that was cancelled before or while it ran."""
+
+
+class CallControl:
+    """Cancellation of one call made on a worker thread (an awaited call, a fleet
+    member's): a token exported into its command, an event its transfer callbacks
+    check, and a way to kill the command by token."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token or new_token()
+        self.event = threading.Event()
+        self.killer: Callable[[str], None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Interrupted("cancelled")
+
+    def env(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        return {**(env or {}), CANCEL_VAR: self.token}
+
+    def callback(self, user: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        # Transfers report progress per chunk: raising there aborts them (and the
+        # atomic put/get leave nothing behind).
+        def progress(done: int, total: int) -> None:
+            self.check()
+            if user is not None:
+                user(done, total)
+
+        return progress
+
+    def stop(self, fut: cf.Future[Any], bound: float = 15.0) -> None:
+        """Cancel; if already running, kill its remote command until the call returns."""
+        self.event.set()
+        if fut.cancel():
+            return
+        end = time.monotonic() + bound
+        while not fut.done():
+            killer = self.killer
+            if killer is not None:
+                try:
+                    killer(self.token)
+                except Exception:  # best effort; the loop retries
+                    log.debug("stopping a cancelled command failed", exc_info=True)
+            left = end - time.monotonic()
+            if left <= 0:
+                log.warning("a cancelled sandbox call did not stop within %.0f s", bound)
+                return
+            # Retried: the command may have started just after a kill found nothing.
+            cf.wait([fut], timeout=min(left, 1.0))

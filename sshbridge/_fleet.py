@@ -31,8 +31,8 @@ from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 from ._api import validate_sandbox_id
 from ._cancel import CANCEL_VAR as CANCEL_VAR  # re-exported: the one token variable
+from ._cancel import CallControl, Interrupted
 from ._cancel import kill_script as kill_script  # re-exported: the one kill script
-from ._cancel import new_token
 from ._exceptions import (
     CommandError,
     InvalidArgument,
@@ -162,66 +162,11 @@ class FleetResults(Mapping[str, FleetResult[T]]):
 # -- cancellation ------------------------------------------------------------------------
 
 
-class _Interrupted(SSHBridgeError):
-    """Raised inside a member call that was cancelled before or while it ran."""
-
-
-class _Control:
-    """Cancellation of one member call: a token exported into its command, an event its
-    transfer callbacks check, and a way to kill the command by token."""
-
-    def __init__(self, token: str | None = None) -> None:
-        self.token = token or new_token()
-        self.event = threading.Event()
-        self.killer: Callable[[str], None] | None = None
-
-    @property
-    def cancelled(self) -> bool:
-        return self.event.is_set()
-
-    def check(self) -> None:
-        if self.event.is_set():
-            raise _Interrupted("cancelled")
-
-    def env(self, env: Mapping[str, str] | None) -> dict[str, str]:
-        return {**(env or {}), CANCEL_VAR: self.token}
-
-    def callback(self, user: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-        # Transfers report progress per chunk: raising there aborts them (and the
-        # atomic put/get leave nothing behind).
-        def progress(done: int, total: int) -> None:
-            self.check()
-            if user is not None:
-                user(done, total)
-
-        return progress
-
-    def stop(self, fut: cf.Future[Any], bound: float = 15.0) -> None:
-        """Cancel; if already running, kill its remote command until the call returns."""
-        self.event.set()
-        if fut.cancel():
-            return
-        end = time.monotonic() + bound
-        while not fut.done():
-            killer = self.killer
-            if killer is not None:
-                try:
-                    killer(self.token)
-                except Exception:  # best effort; the loop retries
-                    log.debug("stopping a cancelled command failed", exc_info=True)
-            left = end - time.monotonic()
-            if left <= 0:
-                log.warning("a cancelled sandbox call did not stop within %.0f s", bound)
-                return
-            # Retried: the command may have started just after a kill found nothing.
-            cf.wait([fut], timeout=min(left, 1.0))
-
-
 def _kill_on(shell: SandboxSSH) -> Callable[[str], None]:
     # The same stop as a run() timeout: _runner.stop_remote, the one kill path.
     def kill(token: str) -> None:
         if not shell.closed:
-            stop_remote(shell._manager.source(), token)
+            stop_remote(shell.channel_source(), token)
 
     return kill
 
@@ -232,7 +177,7 @@ def _kill_elsewhere(sandbox_id: str, options: Mapping[str, Any]) -> Callable[[st
     def kill(token: str) -> None:
         shell = SandboxSSH(sandbox_id, **options)
         try:
-            stop_remote(shell._manager.source(), token)
+            stop_remote(shell.channel_source(), token)
         finally:
             shell.close()
 
@@ -242,18 +187,18 @@ def _kill_elsewhere(sandbox_id: str, options: Mapping[str, Any]) -> Callable[[st
 # -- operations --------------------------------------------------------------------------
 
 
-class _Op(Generic[T]):
+class Op(Generic[T]):
     """One member call. ``local`` runs in this process on a kept member; ``portable``
     gives what an executor task runs (``remote``), and ``finish`` turns its picklable
     value into the result here."""
 
-    def local(self, shell: SandboxSSH, ctl: _Control) -> T:
+    def local(self, shell: SandboxSSH, ctl: CallControl) -> T:
         raise NotImplementedError
 
-    def portable(self) -> _Op[Any]:
+    def portable(self) -> Op[Any]:
         return self
 
-    def remote(self, shell: SandboxSSH, ctl: _Control) -> Any:
+    def remote(self, shell: SandboxSSH, ctl: CallControl) -> Any:
         return self.local(shell, ctl)
 
     def finish(self, sandbox_id: str, value: Any) -> T:
@@ -261,33 +206,33 @@ class _Op(Generic[T]):
 
 
 @dataclass
-class _RunOp(_Op[CommandResult]):
+class _RunOp(Op[CommandResult]):
     command: Command
     env: Mapping[str, str] | None
     kwargs: dict[str, Any]
 
-    def local(self, shell: SandboxSSH, ctl: _Control) -> CommandResult:
+    def local(self, shell: SandboxSSH, ctl: CallControl) -> CommandResult:
         ctl.check()
         return shell.run(self.command, env=ctl.env(self.env), **self.kwargs)
 
 
 @dataclass
-class _MapOp(_Op[T]):
+class MapOp(Op[T]):
     fn: Callable[[SandboxSSH], T]
 
-    def local(self, shell: SandboxSSH, ctl: _Control) -> T:
+    def local(self, shell: SandboxSSH, ctl: CallControl) -> T:
         ctl.check()
         return self.fn(shell)
 
 
 @dataclass
-class _PutOp(_Op[str]):
+class _PutOp(Op[str]):
     path: Path
     remote_path: str
     preserve_mode: bool
     cache: dict[Path, tuple[bytes, int]] = field(repr=False)
 
-    def local(self, shell: SandboxSSH, ctl: _Control) -> str:
+    def local(self, shell: SandboxSSH, ctl: CallControl) -> str:
         ctl.check()
         return shell.put(
             self.path,
@@ -296,7 +241,7 @@ class _PutOp(_Op[str]):
             callback=ctl.callback(None),
         )
 
-    def portable(self) -> _Op[Any]:
+    def portable(self) -> Op[Any]:
         # The file lives on this machine, not on the worker: ship its bytes (read once
         # per batch, however many members receive it).
         if self.path not in self.cache:
@@ -308,13 +253,13 @@ class _PutOp(_Op[str]):
 
 
 @dataclass
-class _PutBytesOp(_Op[str]):
+class _PutBytesOp(Op[str]):
     data: bytes = field(repr=False)
     name: str
     remote_path: str
     mode: int | None
 
-    def local(self, shell: SandboxSSH, ctl: _Control) -> str:
+    def local(self, shell: SandboxSSH, ctl: CallControl) -> str:
         target = self.remote_path
         if target.endswith("/"):
             target += self.name
@@ -326,13 +271,13 @@ class _PutBytesOp(_Op[str]):
 
 
 @dataclass
-class _GetOp(_Op[Path]):
+class _GetOp(Op[Path]):
     remote_path: str
     target: Path  # a file path, or a directory when ``is_dir``
     is_dir: bool
     preserve_mode: bool
 
-    def local(self, shell: SandboxSSH, ctl: _Control) -> Path:
+    def local(self, shell: SandboxSSH, ctl: CallControl) -> Path:
         ctl.check()
         if self.is_dir:
             self.target.mkdir(parents=True, exist_ok=True)
@@ -345,7 +290,7 @@ class _GetOp(_Op[Path]):
             callback=ctl.callback(None),
         )
 
-    def portable(self) -> _Op[Any]:
+    def portable(self) -> Op[Any]:
         return _GetBytesOp(self.remote_path, self.preserve_mode)
 
     def finish(self, sandbox_id: str, value: Any) -> Path:
@@ -370,11 +315,11 @@ class _GetOp(_Op[Path]):
 
 
 @dataclass
-class _GetBytesOp(_Op[Any]):
+class _GetBytesOp(Op[Any]):
     remote_path: str
     preserve_mode: bool
 
-    def local(self, shell: SandboxSSH, ctl: _Control) -> tuple[bytes, int | None]:
+    def local(self, shell: SandboxSSH, ctl: CallControl) -> tuple[bytes, int | None]:
         buf = io.BytesIO()
         shell.getfo(self.remote_path, buf)
         mode = None
@@ -433,24 +378,24 @@ class _PortableError:
 
 
 @dataclass(frozen=True)
-class _Outcome:
+class Outcome:
     value: Any
     error: Exception | _PortableError | None
     duration: float
 
 
-def _task(sandbox_id: str, options: dict[str, Any], op: _Op[Any], token: str) -> _Outcome:
+def _task(sandbox_id: str, options: dict[str, Any], op: Op[Any], token: str) -> Outcome:
     """What an executor runs: open a session, do one thing, close it. Never raises."""
     start = time.monotonic()
     try:
         shell = SandboxSSH(sandbox_id, **options)
         try:
-            value = op.remote(shell, _Control(token))  # connects on first use
+            value = op.remote(shell, CallControl(token))  # connects on first use
         finally:
             shell.close()  # also after a failed connect: no session, thread or socket left
-        return _Outcome(value, None, time.monotonic() - start)
+        return Outcome(value, None, time.monotonic() - start)
     except Exception as exc:  # noqa: BLE001 - reported per member
-        return _Outcome(None, _PortableError.of(exc), time.monotonic() - start)
+        return Outcome(None, _PortableError.of(exc), time.monotonic() - start)
 
 
 # -- the member pool ---------------------------------------------------------------------
@@ -460,7 +405,7 @@ def _keeps_member(error: BaseException | None) -> bool:
     """Errors of the command or the files, not of the connection: the member stays."""
     if error is None:
         return True
-    if isinstance(error, (CommandError, RemotePathError, InvalidArgument, _Interrupted)):
+    if isinstance(error, (CommandError, RemotePathError, InvalidArgument, Interrupted)):
         return True
     return isinstance(error, OSError) and not isinstance(error, SSHBridgeError)
 
@@ -546,7 +491,7 @@ class _Members:
 # -- progress ----------------------------------------------------------------------------
 
 
-class _Progress:
+class ProgressReporter:
     def __init__(self, progress: ProgressArg, total: int, description: str) -> None:
         self.done = 0
         self.total = total
@@ -588,7 +533,7 @@ class _Progress:
 # -- the fleet ---------------------------------------------------------------------------
 
 
-def _check_progress(progress: object) -> ProgressArg:
+def check_progress(progress: object) -> ProgressArg:
     if progress is None or isinstance(progress, bool) or callable(progress):
         return cast(ProgressArg, progress)
     raise InvalidArgument("progress must be True, False, None or a callable (done, total, sid)")
@@ -649,7 +594,7 @@ class Fleet:
         self.max_connections = max_connections
         self.keep_open = keep_open
         self.executor = executor
-        self.progress = _check_progress(progress)
+        self.progress = check_progress(progress)
         self._options = dict(options)
         if executor is not None:
             # Tasks carry the options to the workers: they must pickle.
@@ -785,7 +730,7 @@ class Fleet:
         With an executor ``fn`` must pickle (dask uses cloudpickle, so lambdas do)."""
         if not callable(fn):
             raise InvalidArgument("fn must be callable with one SandboxSSH")
-        op: _Op[T] = _MapOp(fn)
+        op: Op[T] = MapOp(fn)
         return self._batch(
             dict.fromkeys(self._select(sandboxes), op), raise_on_error, progress, "map"
         )
@@ -818,7 +763,7 @@ class Fleet:
         pty: bool,
         encoding: str,
         sandboxes: Iterable[str] | None,
-    ) -> dict[str, _Op[CommandResult]]:
+    ) -> dict[str, Op[CommandResult]]:
         if isinstance(command, Mapping):
             if sandboxes is not None:
                 raise InvalidArgument("pass a {sid: command} mapping or sandboxes=, not both")
@@ -845,9 +790,9 @@ class Fleet:
         remote: str | Callable[[str], str],
         preserve_mode: bool,
         sandboxes: Iterable[str] | None,
-    ) -> dict[str, _Op[str]]:
+    ) -> dict[str, Op[str]]:
         cache: dict[Path, tuple[bytes, int]] = {}
-        ops: dict[str, _Op[str]] = {}
+        ops: dict[str, Op[str]] = {}
         for sid in self._select(sandboxes):
             path = Path(local(sid) if callable(local) else local)
             if not path.is_file():
@@ -864,7 +809,7 @@ class Fleet:
         local: PathArg | Callable[[str], PathArg],
         preserve_mode: bool,
         sandboxes: Iterable[str] | None,
-    ) -> dict[str, _Op[Path]]:
+    ) -> dict[str, Op[Path]]:
         template: str | None = None
         if not callable(local):
             text = os.fspath(local)
@@ -872,7 +817,7 @@ class Fleet:
                 template = text
             elif "{name}" in text:
                 raise InvalidArgument("a local template needs {sid}, or every file collides")
-        ops: dict[str, _Op[Path]] = {}
+        ops: dict[str, Op[Path]] = {}
         for sid in self._select(sandboxes):
             source = remote(sid) if callable(remote) else remote
             if not isinstance(source, str) or not source:
@@ -906,41 +851,41 @@ class Fleet:
                 )
             return self._pool
 
-    def _submit(self, sandbox_id: str, op: _Op[T]) -> tuple[cf.Future[_Outcome], _Control]:
-        ctl = _Control()
+    def _submit(self, sandbox_id: str, op: Op[T]) -> tuple[cf.Future[Outcome], CallControl]:
+        ctl = CallControl()
         if self.executor is None:
             return self._thread_pool().submit(self._call_local, sandbox_id, op, ctl), ctl
         ctl.killer = _kill_elsewhere(sandbox_id, self._options)
         try:
             task = op.portable()
         except OSError as exc:
-            done: cf.Future[_Outcome] = cf.Future()
-            done.set_result(_Outcome(None, exc, 0.0))
+            done: cf.Future[Outcome] = cf.Future()
+            done.set_result(Outcome(None, exc, 0.0))
             return done, ctl
         return self.executor.submit(_task, sandbox_id, self._options, task, ctl.token), ctl
 
-    def _call_local(self, sandbox_id: str, op: _Op[Any], ctl: _Control) -> _Outcome:
+    def _call_local(self, sandbox_id: str, op: Op[Any], ctl: CallControl) -> Outcome:
         start = time.monotonic()
         try:
             ctl.check()
             shell = self._members.acquire(sandbox_id)
         except Exception as exc:  # noqa: BLE001 - reported per member
-            return _Outcome(None, exc, time.monotonic() - start)
+            return Outcome(None, exc, time.monotonic() - start)
         error: BaseException | None = None
         try:
             ctl.killer = _kill_on(shell)
             value = op.local(shell, ctl)
-            return _Outcome(value, None, time.monotonic() - start)
+            return Outcome(value, None, time.monotonic() - start)
         except Exception as exc:  # noqa: BLE001 - reported per member
             error = exc
-            return _Outcome(None, exc, time.monotonic() - start)
+            return Outcome(None, exc, time.monotonic() - start)
         except BaseException as exc:
             error = exc
             raise
         finally:
             self._members.release(sandbox_id, shell, error)
 
-    def _collect(self, sandbox_id: str, op: _Op[T], fut: cf.Future[_Outcome]) -> FleetResult[T]:
+    def _collect(self, sandbox_id: str, op: Op[T], fut: cf.Future[Outcome]) -> FleetResult[T]:
         try:
             outcome = fut.result()
         except Exception as exc:  # noqa: BLE001 - e.g. the executor lost its worker
@@ -960,18 +905,18 @@ class Fleet:
 
     def _batch(
         self,
-        ops: Mapping[str, _Op[T]],
+        ops: Mapping[str, Op[T]],
         raise_on_error: bool,
         progress: ProgressArg,
         what: str,
     ) -> FleetResults[T]:
         self._check_open()
-        reporter = _Progress(
-            self.progress if progress is None else _check_progress(progress), len(ops), what
+        reporter = ProgressReporter(
+            self.progress if progress is None else check_progress(progress), len(ops), what
         )
         results: dict[str, FleetResult[T]] = {}
         pending = iter(ops.items())
-        inflight: dict[cf.Future[_Outcome], tuple[str, _Op[T], _Control]] = {}
+        inflight: dict[cf.Future[Outcome], tuple[str, Op[T], CallControl]] = {}
         try:
             while True:
                 # Submitted lazily: at most max_connections calls exist at once, so an
@@ -1001,7 +946,7 @@ class Fleet:
         return out
 
 
-def _abort(calls: Sequence[tuple[cf.Future[_Outcome], _Control]]) -> None:
+def _abort(calls: Sequence[tuple[cf.Future[Outcome], CallControl]]) -> None:
     """Cancel queued calls and kill running ones, in parallel, then wait for them."""
     running = []
     for fut, ctl in calls:

@@ -369,7 +369,7 @@ class Holder:
                 raise InvalidArgument("missing the command to run")
             try:
                 outcome = stream_command(
-                    self.shell._manager.source(),
+                    self.shell.channel_source(),
                     command_of(words),
                     cwd=job.get("cwd"),
                     env=job.get("env") or None,

@@ -191,6 +191,14 @@ class SandboxSSH:
     def _current_link(self) -> Link:
         return self._manager.current()
 
+    def channel_source(self) -> _runner.ChannelSource:
+        """Where one call opens its channels: the current session's link, followed across
+        renewals and reconnects. For code built on sshbridge (the CLI's streamed exec,
+        the kill path of a cancelled fleet or async call), not needed for plain use."""
+        if self.closed:
+            raise InvalidArgument(f"{self!r} is closed; create a new one")
+        return self._manager.source()
+
     @property
     def renewals(self) -> int:
         """How many times the session was renewed in the background."""

@@ -7,6 +7,7 @@ really stopped is checked in the local /proc.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 from pathlib import Path
@@ -243,3 +244,65 @@ def test_async_fleet_over_an_executor_cancels_through_a_fresh_session(emu: Emula
 
     asyncio.run(main())
     assert settle_threads() == []
+
+
+# -- the async surface is the sync one ------------------------------------------------------
+
+# Sync-only on purpose: interactive() takes over this process's terminal.
+SYNC_ONLY = {"interactive"}
+
+
+def _public(cls: type) -> dict[str, object]:
+    return {n: v for n, v in vars(cls).items() if not n.startswith("_")}
+
+
+def _params(sig: inspect.Signature) -> list[tuple[str, object, object, object]]:
+    return [(p.name, p.kind, p.default, p.annotation) for p in sig.parameters.values()]
+
+
+def test_async_surface_matches_sync() -> None:
+    from sshbridge import SandboxSSH
+
+    sync = _public(SandboxSSH)
+    async_ = _public(AsyncSandboxSSH)
+    missing = set(sync) - set(async_) - SYNC_ONLY
+    assert not missing, f"AsyncSandboxSSH lacks {sorted(missing)}"
+    for name, member in sync.items():
+        if name in SYNC_ONLY:
+            continue
+        mirror = async_[name]
+        if isinstance(member, property):
+            assert isinstance(mirror, property), name
+            continue
+        assert callable(member), name
+        want = inspect.signature(member)
+        want = want.replace(parameters=list(want.parameters.values())[1:])
+        sig = getattr(mirror, "signature", None)
+        if sig is None:  # written out by hand: the same parameters all the same
+            got = inspect.signature(mirror)  # type: ignore[arg-type]
+            sig = got.replace(parameters=list(got.parameters.values())[1:])
+        assert _params(sig) == _params(want), name
+
+
+def test_async_surface_methods_are_coroutines(emu: Emulator, tmp_path: Path) -> None:
+    sandbox = emu.create_sandbox()
+    local = tmp_path / "tree"
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "a.txt").write_text("alpha")
+
+    async def main() -> None:
+        async with AsyncSandboxSSH(sandbox, **opts(emu)) as shell:
+            assert inspect.signature(shell.put_dir).parameters.keys() == inspect.signature(
+                shell.sync.put_dir
+            ).parameters.keys()
+            await shell.put_dir(local, "/tmp/tree")
+            back = await shell.get_dir("/tmp/tree", tmp_path / "back")
+            assert (tmp_path / "back" / "sub" / "a.txt").read_text() == "alpha"
+            assert back
+            async with await shell.open("/tmp/tree/sub/a.txt", "rb") as fh:
+                assert await fh.read() == b"alpha"
+            assert await shell.write_text("/tmp/x.txt", "x") == "/tmp/x.txt"
+            assert (await shell.sandbox()).id == sandbox
+            await shell.run("python3 -m http.server --help >/dev/null 2>&1 || true")
+
+    asyncio.run(main())
