@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from ._api import APIClient
 from ._exceptions import (
@@ -23,6 +24,14 @@ from ._models import Sandbox, SidecarSSHSession
 from ._transport import generate_key
 
 log = logging.getLogger("sshbridge.broker")
+
+
+class OpenCancelled(SSHBridgeError):
+    """``open_link`` stopped because its owner closed; what it had made is closed."""
+
+
+def _never() -> bool:
+    return False
 
 
 class SessionBroker:
@@ -86,15 +95,28 @@ class SessionBroker:
             return unsupported
         return error
 
-    def open_link(self, *, check: bool = False, budget_wait: float | None = None) -> Link:
+    def open_link(
+        self,
+        *,
+        check: bool = False,
+        budget_wait: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Link:
         """Create a session for a fresh key and connect. Nothing leaks on failure.
 
         Both contracts: the key goes in the POST; a contract-A answer (token, gateway)
         is then authorized at the gateway, a contract-B answer already is, and its
         connections start with the session preamble (the link handles that).
+
+        ``cancelled`` is asked between steps: once it answers True the session made so
+        far is closed (DELETEd) by this thread and :class:`OpenCancelled` is raised. The
+        SSH connect itself stops when the link is closed (``close_all``).
         """
+        stop = cancelled or _never
         if check:
             self.check_sandbox()
+        if stop():
+            raise OpenCancelled(f"sandbox {self.sandbox_id}: cancelled before the session POST")
         key = generate_key()
         wall, mono = time.time(), time.monotonic()
         try:
@@ -122,12 +144,34 @@ class SessionBroker:
         )
         with self._lock:
             self._open[id(link)] = link
+        # Asked only after the link is registered: an owner closing concurrently either
+        # finds it in close_all() or is seen here, so the session is never missed.
         try:
+            if stop():
+                raise OpenCancelled(
+                    f"sandbox {self.sandbox_id}: cancelled after session "
+                    f"{session.session_id} was created"
+                )
             if isinstance(session, SidecarSSHSession):
                 self.api.authorize_key(session, key.public_line)
+            if stop():
+                raise OpenCancelled(f"sandbox {self.sandbox_id}: cancelled before connecting")
             link.connect()
-        except SSHConnectError as exc:
+            if stop():
+                raise OpenCancelled(f"sandbox {self.sandbox_id}: cancelled while connecting")
+        except OpenCancelled:
             self.close_link(link)
+            raise
+        except SSHBridgeError as exc:
+            self.close_link(link)
+            if stop():
+                # e.g. close_all() closed the link under its connect: not a failure to
+                # explain (that would cost another API call), the owner is gone.
+                raise OpenCancelled(
+                    f"sandbox {self.sandbox_id}: cancelled while connecting"
+                ) from exc
+            if not isinstance(exc, SSHConnectError):
+                raise
             explained = self.explain(exc)
             if explained is exc:
                 raise

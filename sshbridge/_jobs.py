@@ -14,9 +14,11 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from ._exceptions import (
     CommandError,
@@ -31,6 +33,8 @@ from ._runner import build_command, check_timeout
 
 if TYPE_CHECKING:
     from ._sandbox import SandboxSSH
+
+T = TypeVar("T")
 
 JOB_ID = re.compile(r"^j[0-9a-f]{12}$")
 JOBS_DIR = "$HOME/.sshbridge/jobs"
@@ -153,17 +157,18 @@ class Job:
 
     # -- querying, robust to a session change between calls -----------------------------
 
-    def _retrying(self, fn_name: str, *args: object, attempts: int = 4) -> object:
-        delay = 0.2
-        for attempt in range(attempts):
-            try:
-                return getattr(self.shell, fn_name)(*args)
-            except ConnectionLost:
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        # A query is read-only: after a dropped connection it is simply asked again
+        # (the next call reconnects), with the backoff every retry here uses.
+        for attempt in Retrying(
+            stop=stop_after_attempt(4),
+            wait=wait_exponential(multiplier=0.2, max=1.6),
+            retry=retry_if_exception_type(ConnectionLost),
+            reraise=True,
+        ):
+            with attempt:
+                return fn()
+        raise AssertionError("unreachable")  # reraise=True: the last error propagates
 
     def poll(self) -> int | None:
         """The exit code if the job has finished, else None.
@@ -187,8 +192,8 @@ class Job:
         )
 
     def status(self) -> JobStatus:
-        result = self._retrying("run", status_script(self.directory))
-        assert isinstance(result, CommandResult)
+        script = status_script(self.directory)
+        result = self._retrying(lambda: self.shell.run(script))
         text = result.stdout.strip()
         if text.startswith("exit "):
             try:
@@ -208,9 +213,7 @@ class Job:
         path = f"{self.directory}/{name}"
         try:
             if offset == 0:
-                data = self._retrying("read_bytes", path)
-                assert isinstance(data, bytes)
-                return data
+                return self._retrying(lambda: self.shell.read_bytes(path))
             fh = self.shell.open(path, "rb")
             try:
                 fh.seek(offset)
@@ -290,9 +293,8 @@ class Job:
         if name not in _SIGNALS:
             raise InvalidArgument(f"signal must be one of {sorted(_SIGNALS)}, got {signal!r}")
         d = shlex.quote(self.directory)
-        self._retrying(
-            "run", f'p=$(cat {d}/pid 2>/dev/null) && kill -s {name} -- "-$p" 2>/dev/null; true'
-        )
+        script = f'p=$(cat {d}/pid 2>/dev/null) && kill -s {name} -- "-$p" 2>/dev/null; true'
+        self._retrying(lambda: self.shell.run(script))
 
 
 def start(

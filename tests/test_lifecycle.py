@@ -13,20 +13,27 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from emu_helpers import library_threads, settle_threads
 
 from sshbridge import (
+    APIClient,
+    APIError,
     CommandTimeout,
+    InvalidArgument,
+    PinFirstHostKey,
     SandboxNotRunning,
     SandboxSSH,
     SessionExpired,
     SSHSession,
 )
-from sshbridge._lifecycle import default_renew_before
-from sshbridge._link import utcnow
+from sshbridge._broker import SessionBroker
+from sshbridge._lifecycle import SessionManager, State, default_renew_before
+from sshbridge._link import Link, utcnow
 from sshbridge.emulator import Emulator
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.contracts]
@@ -109,7 +116,6 @@ def test_soak_renewals_under_load(emu: Emulator) -> None:
     def on_renew(old: SSHSession, new: SSHSession) -> None:
         renewed.append((old.session_id, new.session_id))
 
-    start = time.monotonic()
     with connect(emu, sandbox, ttl_seconds=6, on_renew=on_renew) as shell:
         with Hammer(shell, threads=4) as hammer:
             time.sleep(42)
@@ -118,7 +124,11 @@ def test_soak_renewals_under_load(emu: Emulator) -> None:
         assert shell.renewals >= 10
         assert len(renewed) == shell.renewals
         assert all(old != new for old, new in renewed)
-    assert time.monotonic() - start >= 40
+    # Every session minted (the first, one per renewal) was DELETEd, none twice.
+    ok = [c for c in emu.api_calls if c.sandbox_id == sandbox and 200 <= c.status < 300]
+    posts = [c for c in ok if c.method == "POST" and c.endpoint == "create_session"]
+    deletes = [c for c in ok if c.method == "DELETE"]
+    assert len(posts) == len(deletes) == len(renewed) + 1
     assert emu.open_sessions() == []
     assert max_posts_in_window(emu, sandbox) <= 20
     assert settle_threads() == []
@@ -390,3 +400,232 @@ def test_commands_outlive_their_session_on_a_server_that_does_not_cut(emu: Emula
         assert shell.run("echo fresh").stdout == "fresh\n"
         t.join(30)
         assert out == ["late\n"]
+
+
+# -- the state machine: close() from any state, one connect, one renewal --------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class HeldAnswers:
+    """A ``session_answer_hook``: lets the first ``free`` session answers through, then
+    holds each later one until ``release`` is set (the session exists by then, as when
+    an API stalls after doing the work), and sends ``replace`` instead if given."""
+
+    def __init__(self, free: int, replace: bytes | None = None) -> None:
+        self.free = free
+        self.replace = replace
+        self.held = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, answer: dict[str, Any]) -> Any:
+        with self._lock:
+            if self.free > 0:
+                self.free -= 1
+                return answer
+            self.held += 1
+        self.entered.set()
+        self.release.wait(60)
+        return answer if self.replace is None else self.replace
+
+
+def manager_for(
+    emu: Emulator, sandbox_id: str, *, ttl: int, clock: Callable[[], float] | None = None,
+    **kw: Any,
+) -> tuple[SessionManager, APIClient]:
+    api = APIClient(api_key=emu.api_key, base_url=emu.base_url)
+    broker = SessionBroker(
+        api,
+        sandbox_id,
+        ttl_seconds=ttl,
+        policy=PinFirstHostKey(),
+        connect_timeout=30.0,
+        keepalive=15.0,
+        max_connections=4,
+    )
+    return SessionManager(broker, connect_timeout=30.0, clock=clock, **kw), api
+
+
+def session_posts(emu: Emulator, sandbox_id: str) -> list[int]:
+    return [
+        c.status
+        for c in emu.api_calls
+        if c.endpoint == "create_session" and c.sandbox_id == sandbox_id
+    ]
+
+
+def test_close_during_a_connect_to_a_slow_exposure(emu: Emulator) -> None:
+    sandbox = emu.create_sandbox()
+    emu.exposure_delay = 120.0  # the exposure does not come up during this test
+    shell = connect(emu, sandbox, ttl_seconds=60, connect_timeout=60)
+    outcome: list[object] = []
+
+    def connecting() -> None:
+        try:
+            shell.connect()
+            outcome.append("connected")
+        except BaseException as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    caller = threading.Thread(target=connecting, daemon=True)
+    caller.start()
+    # The session exists: the connect is in its SSH retry loop now.
+    wait_until(lambda: emu.open_sessions(sandbox) != [], 20, "the session POST")
+    assert shell._manager.state is State.CONNECTING
+    start = time.monotonic()
+    shell.close()
+    took = time.monotonic() - start
+    assert took < 3.0, took
+    caller.join(10)
+    assert not caller.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], InvalidArgument), outcome
+    assert "closed" in str(outcome[0])
+    assert shell.closed and shell._manager.state is State.CLOSED
+    wait_until(lambda: emu.open_sessions(sandbox) == [], 10, "the session's DELETE")
+    assert settle_threads(10) == []
+    with pytest.raises(InvalidArgument, match="closed"):
+        shell.connect()
+
+
+@pytest.mark.parametrize("answer", ["late", "never"])
+def test_close_during_a_renewal_stuck_in_the_api(emu: Emulator, answer: str) -> None:
+    """The renewal's POST hangs. close() returns at once; the renewal thread ends, and
+    a session answered after close() is DELETEd by the thread that got it."""
+    sandbox = emu.create_sandbox()
+    held = HeldAnswers(free=1)
+    emu.session_answer_hook = held
+    try:
+        # "never": the API client's own read timeout ends the stuck POST.
+        timeout = (5.0, 30.0) if answer == "late" else (2.0, 2.0)
+        shell = connect(emu, sandbox, ttl_seconds=30, renew_before=28, api_timeout=timeout)
+        shell.connect()
+        first = shell.session
+        assert first is not None
+        assert held.entered.wait(20), "the background renewal never reached the API"
+        assert shell._manager.state is State.RENEWING
+        start = time.monotonic()
+        shell.close()
+        took = time.monotonic() - start
+        assert took < 3.0, took
+        assert first.session_id not in emu.open_sessions()
+        if answer == "late":
+            held.release.set()  # the answer arrives after close(): nobody may keep it
+            wait_until(lambda: emu.open_sessions(sandbox) == [], 15, "the late session's DELETE")
+        assert settle_threads(15) == []
+        if answer == "never":
+            # The client never got this answer, so it could not close that session.
+            stuck = emu.open_sessions(sandbox)
+            assert len(stuck) == 1
+            emu.close_session(stuck[0])
+        assert session_posts(emu, sandbox)[0] == 200
+    finally:
+        held.release.set()
+
+
+def test_renew_now_joins_the_background_renewal(emu: Emulator) -> None:
+    """Two renew_now() calls during a background renewal make one renewal, not three."""
+    sandbox = emu.create_sandbox()
+    offset = [0.0]
+    held = HeldAnswers(free=1)
+    emu.session_answer_hook = held
+    manager, api = manager_for(
+        emu, sandbox, ttl=120, renew_before=30, clock=lambda: time.monotonic() + offset[0]
+    )
+    try:
+        first = manager.current().session
+        offset[0] = 100.0  # the injected clock says the renewal is due
+        assert held.entered.wait(20), "the background renewal never started"
+        assert manager.state is State.RENEWING
+        offset[0] = 0.0  # its successor is then due in ~90 s, not during this test
+        results: list[SSHSession] = []
+        callers = [
+            threading.Thread(target=lambda: results.append(manager.renew_now()), daemon=True)
+            for _ in range(2)
+        ]
+        for t in callers:
+            t.start()
+        wait_until(
+            lambda: manager._pending is not None and manager._pending.waiters >= 2,
+            10,
+            "both renew_now() calls to wait on the renewal in flight",
+        )
+        held.release.set()
+        for t in callers:
+            t.join(30)
+        link = manager.link
+        assert link is not None and link.session.session_id != first.session_id
+        assert [r.session_id for r in results] == [link.session.session_id] * 2
+        assert manager.renewals == 1
+        assert held.held == 1 and session_posts(emu, sandbox) == [200, 200]
+        # With none in flight, renew_now() renews on its own.
+        again = manager.renew_now()
+        assert again.session_id != link.session.session_id and manager.renewals == 2
+    finally:
+        held.release.set()
+        manager.close()
+        api.close()
+    assert emu.open_sessions(sandbox) == []
+    assert settle_threads() == []
+
+
+def test_concurrent_callers_share_one_connect_and_its_error(emu: Emulator) -> None:
+    sandbox = emu.create_sandbox()
+    held = HeldAnswers(free=0, replace=b"not json")
+    emu.session_answer_hook = held
+    manager, api = manager_for(emu, sandbox, ttl=60)
+    try:
+        outcomes: list[object] = []
+        lock = threading.Lock()
+
+        def call() -> None:
+            try:
+                got: object = manager.current()
+            except BaseException as exc:  # noqa: BLE001
+                got = exc
+            with lock:
+                outcomes.append(got)
+
+        def burst() -> list[threading.Thread]:
+            threads = [threading.Thread(target=call, daemon=True) for _ in range(6)]
+            for t in threads:
+                t.start()
+            return threads
+
+        threads = burst()
+        assert held.entered.wait(20)
+        wait_until(
+            lambda: manager._pending is not None and manager._pending.waiters == 6,
+            10,
+            "all callers to wait on the one connect",
+        )
+        held.release.set()
+        for t in threads:
+            t.join(30)
+        # One POST; its error reached every caller.
+        assert session_posts(emu, sandbox) == [200]
+        assert len(outcomes) == 6 and all(isinstance(o, APIError) for o in outcomes), outcomes
+        assert len({id(o) for o in outcomes}) == 1
+        for leaked in emu.open_sessions(sandbox):  # an answer the client could not read
+            emu.close_session(leaked)
+
+        emu.session_answer_hook = None
+        outcomes.clear()
+        for t in burst():
+            t.join(30)
+        assert len({id(o) for o in outcomes}) == 1 and isinstance(outcomes[0], Link)
+        assert manager.link is outcomes[0] and manager.state is State.OPEN
+        assert session_posts(emu, sandbox) == [200, 200]
+    finally:
+        held.release.set()
+        manager.close()
+        api.close()
+    assert emu.open_sessions(sandbox) == []
+    assert settle_threads() == []

@@ -84,7 +84,9 @@ class Emulator:
         # vm contract: how long the shared port waits for the preamble line.
         self.preamble_timeout: float = 10.0
 
-        self._state = State()
+        # The service state, shared with the HTTP and SSH sides (which also call the
+        # session operations below: mint_session, end_session, authorize_key).
+        self.state = State()
         self._sidecar: Sidecar | None = None
         self._http: Any = None  # _http.APIServer, imported lazily to keep modules acyclic
         self._http_thread: threading.Thread | None = None
@@ -111,7 +113,7 @@ class Emulator:
                 self._root.mkdir(parents=True, exist_ok=True)
             try:
                 if self.openssh is None:
-                    self._sidecar = Sidecar(self, self._state, shared_port=self.contract == "vm")
+                    self._sidecar = Sidecar(self, self.state, shared_port=self.contract == "vm")
                     self._sidecar.start()
                 self._http = APIServer(self)
                 self._http_thread = threading.Thread(
@@ -152,8 +154,8 @@ class Emulator:
             # they do not outlive the emulator.
             kill_tagged(self._sidecar.tag)
         if self.openssh is not None:
-            with self._state.lock:
-                open_ids = [s.internal_id for s in self._state.sessions.values()]
+            with self.state.lock:
+                open_ids = [s.internal_id for s in self.state.sessions.values()]
             for internal_id in open_ids:
                 self._remove_key_lines(internal_id)
         if self._own_root and self._root is not None:
@@ -229,13 +231,13 @@ class Emulator:
             started_at=now if status == "RUNNING" else None,
             terminated_at=now if status in _TERMINAL else None,
         )
-        with self._state.lock:
-            self._state.sandboxes[sid] = sandbox
+        with self.state.lock:
+            self.state.sandboxes[sid] = sandbox
         return sid
 
     def set_status(self, sandbox_id: str, status: str) -> None:
-        with self._state.lock:
-            sandbox = self._state.sandboxes[sandbox_id]
+        with self.state.lock:
+            sandbox = self.state.sandboxes[sandbox_id]
             leaving = sandbox.status == "RUNNING" and status != "RUNNING"
             sandbox.status = status
             sandbox.updated_at = utcnow()
@@ -245,7 +247,7 @@ class Emulator:
                 sandbox.terminated_at = sandbox.updated_at
             affected: list[Session] = []
             if leaving:
-                for session in self._state.sessions.values():
+                for session in self.state.sessions.values():
                     if session.sandbox_id == sandbox_id and not session.exposure_closed:
                         session.exposure_closed = True
                         affected.append(session)
@@ -258,8 +260,8 @@ class Emulator:
                 self._remove_key_lines(session.internal_id)
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
-        with self._state.lock:
-            return self._state.sandboxes[sandbox_id].directory
+        with self.state.lock:
+            return self.state.sandboxes[sandbox_id].directory
 
     # -- fault injection -------------------------------------------------------------
 
@@ -277,13 +279,13 @@ class Emulator:
             raise ValueError(f"endpoint must be None or one of {ENDPOINTS}")
         if n <= 0:
             return
-        with self._state.lock:
-            self._state.fail_rules.append(FailRule(n, status, retry_after, body, endpoint))
+        with self.state.lock:
+            self.state.fail_rules.append(FailRule(n, status, retry_after, body, endpoint))
 
     def clear_failures(self) -> None:
         """Forget every pending ``fail_next`` rule."""
-        with self._state.lock:
-            self._state.fail_rules.clear()
+        with self.state.lock:
+            self.state.fail_rules.clear()
 
     def cut_connections(self, session_id: str | None = None) -> None:
         """Drop the open SSH connections of one session (or all), as a network cut would.
@@ -303,31 +305,31 @@ class Emulator:
 
     @property
     def api_calls(self) -> list[APICall]:
-        with self._state.lock:
-            return list(self._state.calls)
+        with self.state.lock:
+            return list(self.state.calls)
 
     @property
     def sessions(self) -> list[SessionRecord]:
-        with self._state.lock:
-            return [s.record() for s in self._state.sessions.values()]
+        with self.state.lock:
+            return [s.record() for s in self.state.sessions.values()]
 
     def open_sessions(self, sandbox_id: str | None = None) -> list[str]:
         """Ids of sessions created and never DELETEd (expired or not): what a client leaked."""
-        with self._state.lock:
+        with self.state.lock:
             return [
                 s.internal_id
-                for s in self._state.sessions.values()
+                for s in self.state.sessions.values()
                 if s.deleted_at is None and (sandbox_id is None or s.sandbox_id == sandbox_id)
             ]
 
     def close_session(self, session_id: str) -> None:
         """Close a session as its DELETE would (for tests cleaning up what a client
         could not close, e.g. after an answer it could not read)."""
-        session = self._state.session_by_any_id(session_id)
+        session = self.state.session_by_any_id(session_id)
         if session is None:
             raise ValueError(f"unknown session {session_id!r}")
         if session.deleted_at is None:
-            self._close_session(session)
+            self.end_session(session)
 
     def ssh_channels(self, session_id: str | None = None) -> int:
         """Channels (sessions, forwards) clients hold open now (always 0 in OpenSSH mode)."""
@@ -335,7 +337,7 @@ class Emulator:
             return 0
         if session_id is None:
             return self._sidecar.channel_count()
-        session = self._state.session_by_any_id(session_id)
+        session = self.state.session_by_any_id(session_id)
         return 0 if session is None else self._sidecar.channel_count(session.internal_id)
 
     def ssh_connections(self, session_id: str | None = None) -> int:
@@ -344,14 +346,14 @@ class Emulator:
             return 0
         if session_id is None:
             return self._sidecar.connection_count()
-        session = self._state.session_by_any_id(session_id)
+        session = self.state.session_by_any_id(session_id)
         if session is None:
             return 0
         return self._sidecar.connection_count(session.internal_id)
 
     # -- used by the HTTP layer ------------------------------------------------------
 
-    def _open_session(
+    def mint_session(
         self, sandbox: Sandbox, ttl: int, key: asyncssh.SSHKey | None = None
     ) -> Session:
         """Create a session (and its exposure); authorize ``key`` for it at once if given."""
@@ -376,18 +378,18 @@ class Emulator:
             if self.rotate_host_key:
                 session.host_key = asyncssh.generate_private_key("ssh-ed25519")
             else:
-                with self._state.lock:
+                with self.state.lock:
                     if sandbox.host_key is None:
                         sandbox.host_key = asyncssh.generate_private_key("ssh-ed25519")
                     session.host_key = sandbox.host_key
             session.port = self._sidecar.open_exposure(session, max(0.0, self.exposure_delay))
-        self._state.add_session(session)
+        self.state.add_session(session)
         if key is not None:
-            self._authorize(session, key)
+            self.authorize_key(session, key)
         return session
 
-    def _close_session(self, session: Session) -> None:
-        with self._state.lock:
+    def end_session(self, session: Session) -> None:
+        with self.state.lock:
             session.deleted_at = utcnow()
             session.exposure_closed = True
         if self._sidecar is not None:
@@ -395,8 +397,8 @@ class Emulator:
         if self.openssh is not None:
             self._remove_key_lines(session.internal_id)
 
-    def _authorize(self, session: Session, key: asyncssh.SSHKey) -> None:
-        with self._state.lock:
+    def authorize_key(self, session: Session, key: asyncssh.SSHKey) -> None:
+        with self.state.lock:
             fresh = key.public_data not in session.keys
             session.keys[key.public_data] = key.get_fingerprint()
         if self.openssh is not None and fresh:

@@ -119,7 +119,7 @@ def handle(
     else:
         if endpoint not in ("authorize", "list_sandboxes"):
             sandbox_id = groups[0]
-        rule = emu._state.take_failure(endpoint)
+        rule = emu.state.take_failure(endpoint)
         if rule is not None:
             resp = Response(
                 rule.status, rule.body if rule.body is not None else {"detail": "Injected failure"}
@@ -133,7 +133,7 @@ def handle(
             except Exception:
                 logger.exception("emulator failed to handle %s %s", method, endpoint)
                 resp = _detail(500, "Internal emulator error")
-    emu._state.record_call(method, path, endpoint, sandbox_id, resp.status)
+    emu.state.record_call(method, path, endpoint, sandbox_id, resp.status)
     return resp
 
 
@@ -180,7 +180,7 @@ def _sandbox_json(emu: Emulator, sb: Sandbox) -> dict[str, Any]:
     def when(dt: Any) -> str | None:
         return format_time(dt, fmt) if dt is not None else None
 
-    with emu._state.lock:  # one consistent snapshot of a sandbox other threads change
+    with emu.state.lock:  # one consistent snapshot of a sandbox other threads change
         return {
             "id": sb.id,
             "name": sb.name,
@@ -246,7 +246,7 @@ def _session_json(emu: Emulator, s: Session) -> dict[str, Any]:
 
 
 def _lookup_sandbox(emu: Emulator, sandbox_id: str) -> Sandbox | None:
-    return emu._state.sandbox(sandbox_id)
+    return emu.state.sandbox(sandbox_id)
 
 
 def _query_int(query: Query, name: str, default: int, low: int, high: int | None) -> int | Response:
@@ -313,7 +313,7 @@ def _list_sandboxes(
         return per_page, None
     statuses = query.get("status")
     status = statuses[-1] if statuses and statuses[-1] else None
-    matching = emu._state.sandbox_list(status)
+    matching = emu.state.sandbox_list(status)
     start = (page - 1) * per_page
     body_out = {
         "sandboxes": [_sandbox_json(emu, sb) for sb in matching[start : start + per_page]],
@@ -336,7 +336,7 @@ def _create_session(
     if not _api_key_ok(emu, headers):
         return _auth_error(headers), None
     limit, window = emu.rate_limit
-    wait = emu._state.rate_check((sandbox_id, emu.api_key), int(limit), float(window))
+    wait = emu.state.rate_check((sandbox_id, emu.api_key), int(limit), float(window))
     if wait is not None:
         resp = _detail(429, f"Rate limit exceeded: {limit} requests per {window:g} seconds")
         if emu.rate_limit_retry_after:
@@ -370,7 +370,7 @@ def _create_session(
     sandbox = _lookup_sandbox(emu, sandbox_id)
     if sandbox is None:
         return _detail(404, "Sandbox not found"), None
-    with emu._state.lock:
+    with emu.state.lock:
         status, vm = sandbox.status, sandbox.vm
     if status != "RUNNING":
         return _detail(409, f"Sandbox is not running (status: {status})"), None
@@ -379,7 +379,7 @@ def _create_session(
     if not vm and emu.contract == "vm":
         return _detail(400, "SSH sessions are only supported for VM sandboxes"), None
     try:
-        session = emu._open_session(sandbox, ttl, key)
+        session = emu.mint_session(sandbox, ttl, key)
     except Exception:
         logger.exception("could not open an SSH exposure")
         return _detail(503, "Could not expose the SSH sidecar"), None
@@ -402,10 +402,10 @@ def _close_session(
         return _auth_error(headers), None
     if _lookup_sandbox(emu, sandbox_id) is None:
         return _detail(404, "Sandbox not found"), None
-    found = emu._state.open_session_for(sandbox_id, session_id)
+    found = emu.state.open_session_for(sandbox_id, session_id)
     if found is None:
         return _detail(404, "SSH session not found"), None
-    emu._close_session(found)
+    emu.end_session(found)
     return Response(200, {"ok": True}), None
 
 
@@ -417,7 +417,7 @@ def _authorize(
     query: Query,
 ) -> tuple[Response, str | None]:
     user_ns, job_id = groups
-    session = emu._state.session_for_token(_bearer(headers))
+    session = emu.state.session_for_token(_bearer(headers))
     if session is None:
         return _detail(401, "Invalid or missing session token"), None
     sid = session.sandbox_id
@@ -442,7 +442,7 @@ def _authorize(
         key = asyncssh.import_public_key(public_key.strip())
     except (asyncssh.KeyImportError, ValueError, TypeError):
         return _detail(422, "public_key is not a valid OpenSSH public key"), sid
-    emu._authorize(session, key)
+    emu.authorize_key(session, key)
     return Response(200, {"ok": True}), sid
 
 
