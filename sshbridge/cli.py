@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import math
 import os
 import posixpath
 import re
@@ -27,9 +28,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import typer
+try:
+    import typer
+    from typer.core import TyperArgument, TyperOption
+except ModuleNotFoundError as _missing:  # `python -m sshbridge.cli` without the extra
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write(
+        f"sshbridge: error: the command line needs the 'cli' extra ({_missing.name} is "
+        "missing): pip install 'sshbridge[cli]'\n"
+    )
+    sys.exit(1)
 
-from sshbridge_fast import _protocol, persist_seconds
+from sshbridge_fast import _jsonout, _protocol, persist_seconds
 from sshbridge_fast._protocol import PERSIST_ENV
 
 from ._api import APIClient, validate_sandbox_id
@@ -77,7 +88,7 @@ class CLIError(Exception):
 app = typer.Typer(
     name="sshbridge",
     help="Real SSH into Prime Intellect sandboxes: shells, commands, files and ports.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
@@ -242,6 +253,7 @@ def _main_options(
         str | None,
         typer.Option(
             "--api-key",
+            metavar="KEY",
             help="API key (default: $PRIME_API_KEY, then ~/.prime/config.json). "
             "Prefer the environment: command lines are visible to other users.",
             show_default=False,
@@ -251,6 +263,7 @@ def _main_options(
         str | None,
         typer.Option(
             "--base-url",
+            metavar="URL",
             help="API base URL (default: $PRIME_API_BASE_URL, config file, "
             "https://api.primeintellect.ai).",
             show_default=False,
@@ -258,7 +271,9 @@ def _main_options(
     ] = None,
     ttl: Annotated[
         int,
-        typer.Option("--ttl", min=1, max=3600, help="Lifetime of each SSH session, seconds."),
+        typer.Option(
+            "--ttl", min=1, max=3600, metavar="SECONDS", help="Lifetime of each SSH session."
+        ),
     ] = 900,
     verbose: Annotated[
         int,
@@ -303,7 +318,11 @@ def _main_options(
 # -- ssh -----------------------------------------------------------------------------------
 
 
-@app.command("ssh", context_settings={"allow_interspersed_args": False})
+@app.command(
+    "ssh",
+    context_settings={"allow_interspersed_args": False},
+    epilog="Example: `sshbridge ssh sbx_abc123` (a shell), `sshbridge ssh sbx_abc123 -- ls -la`",
+)
 @_guard
 def ssh_cmd(
     ctx: typer.Context,
@@ -311,6 +330,7 @@ def ssh_cmd(
     command: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="COMMAND",
             help="Command to run instead of a login shell. Like ssh, the words are joined "
             "with spaces for the remote shell.",
             show_default=False,
@@ -356,7 +376,11 @@ def ssh_cmd(
 # -- exec ----------------------------------------------------------------------------------
 
 
-@app.command("exec", context_settings={"allow_interspersed_args": False})
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},
+    epilog="Example: `sshbridge exec --timeout 60 -e DEBUG=1 sbx_abc123 -- python train.py`",
+)
 @_guard
 def exec_cmd(
     ctx: typer.Context,
@@ -364,6 +388,7 @@ def exec_cmd(
     command: Annotated[
         list[str],
         typer.Argument(
+            metavar="COMMAND",
             help="The command (after `--`). One argument is a shell command line; several "
             "are run as an argv, each argument quoted.",
             show_default=False,
@@ -374,6 +399,7 @@ def exec_cmd(
         typer.Option(
             "--timeout",
             min=0.001,
+            metavar="SECONDS",
             help="Stop the command after this many seconds (exit status 124).",
             show_default=False,
         ),
@@ -381,12 +407,22 @@ def exec_cmd(
     env: Annotated[
         list[str] | None,
         typer.Option(
-            "--env", "-e", help="NAME=VALUE for the command; repeatable.", show_default=False
+            "--env",
+            "-e",
+            metavar="NAME=VALUE",
+            help="A variable for the command; repeatable.",
+            show_default=False,
         ),
     ] = None,
     cwd: Annotated[
         str | None,
-        typer.Option("--cwd", "-w", help="Working directory in the sandbox.", show_default=False),
+        typer.Option(
+            "--cwd",
+            "-w",
+            metavar="DIR",
+            help="Working directory in the sandbox.",
+            show_default=False,
+        ),
     ] = None,
     stdin: Annotated[
         bool,
@@ -402,6 +438,18 @@ def exec_cmd(
         bool,
         typer.Option("--tty", "-t", help="Run under a terminal (stderr merges into stdout)."),
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Capture the output and print one JSON object instead: sandbox, command, "
+            "exit_code, stdout, stderr, stdout_encoding and stderr_encoding (`utf-8`, or "
+            "`base64` of the exact bytes when they are not valid UTF-8), duration_seconds, "
+            "timed_out, error (null, or the message also printed on stderr). Printed "
+            "whenever the arguments were valid, failures included; the exit status is "
+            "still the command's.",
+        ),
+    ] = False,
 ) -> int:
     """Run a command in SANDBOX, streaming stdin, stdout and stderr; exit with its status.
 
@@ -413,60 +461,123 @@ def exec_cmd(
         raise _usage("missing the command to run (sshbridge exec SANDBOX -- COMMAND...)")
     variables = _parse_env(env or [])
     validate_sandbox_id(sandbox)
+    if timeout is not None and not math.isfinite(timeout):
+        raise typer.BadParameter("must be a finite number of seconds", param_hint="'--timeout'")
+    if cwd is not None and not cwd.strip():
+        raise typer.BadParameter("must be a non-empty path", param_hint="'--cwd'")
     # Bad input costs no session (and no holder).
     build_command(_command_argv(words), cwd=cwd, env=variables or None)
     check_timeout(timeout)
-    g = _globals(ctx)
-    if g.persist is not None:
-        config = load_config(api_key=g.api_key, base_url=g.base_url)
-        job = {
-            "command": words,
-            "env": variables,
-            "cwd": cwd,
-            "timeout": timeout,
-            "pty": tty,
-            "stdin": not no_stdin,
-            "persist": g.persist,
-        }
-        held = _exec_in_holder(config, sandbox, job, g)
-        if held is not None:
-            return held
-    try:
-        outcome = _exec_direct(ctx, sandbox, words, cwd, variables, timeout, tty, no_stdin)
-    except (SSHError, APIConnectionError) as exc:
-        raise CLIError(str(exc), 255) from None  # as ssh: 255 when the connection fails
-    if outcome.message:
-        raise CLIError(outcome.message, outcome.status)
-    return outcome.status
+    run = _ExecRun(ctx, sandbox, words, cwd, variables, timeout, tty, no_stdin)
+    if not as_json:
+        status, error = run.execute(sys.stdout.fileno(), sys.stderr.fileno())
+        if error:
+            raise CLIError(error, status)
+        return status
+    out, err = _jsonout.capture_files()
+    with out, err:
+        try:
+            status, error = run.execute(out.fileno(), err.fileno())
+        except KeyboardInterrupt:
+            status, error = 130, "interrupted"
+        except CLIError as exc:
+            status, error = exc.code, str(exc)
+        except SSHBridgeError as exc:
+            status = 2 if isinstance(exc, InvalidArgument) else 1
+            error = _cli_message(str(exc))
+        result = _jsonout.exec_result(sandbox, words, status, error, out, err, run.duration)
+    sys.stdout.flush()
+    _jsonout.write_json(result)
+    if error:
+        raise CLIError(error, status)
+    return status
 
 
-def _exec_direct(
-    ctx: typer.Context,
+class _ExecRun:
+    """One ``exec``: through the session holder when there is one, else directly."""
+
+    def __init__(
+        self,
+        ctx: typer.Context,
+        sandbox: str,
+        words: list[str],
+        cwd: str | None,
+        variables: dict[str, str],
+        timeout: float | None,
+        tty: bool,
+        no_stdin: bool,
+    ) -> None:
+        self.ctx = ctx
+        self.sandbox = sandbox
+        self.words = words
+        self.cwd = cwd
+        self.variables = variables
+        self.timeout = timeout
+        self.tty = tty
+        self.no_stdin = no_stdin
+        self.started: float | None = None
+        self.ended: float | None = None
+
+    @property
+    def duration(self) -> float:
+        """Seconds the command itself ran (session set-up excluded), 0 if it never did."""
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.monotonic()) - self.started
+
+    def execute(self, stdout_fd: int, stderr_fd: int) -> tuple[int, str | None]:
+        """(exit status, message for the user or None)."""
+        g = _globals(self.ctx)
+        if g.persist is not None:
+            config = load_config(api_key=g.api_key, base_url=g.base_url)
+            job = {
+                "command": self.words,
+                "env": self.variables,
+                "cwd": self.cwd,
+                "timeout": self.timeout,
+                "pty": self.tty,
+                "stdin": not self.no_stdin,
+                "persist": g.persist,
+            }
+            fds = (sys.stdin.fileno(), stdout_fd, stderr_fd)
+            held = _exec_in_holder(config, self.sandbox, job, g, fds, self)
+            if held is not None:
+                return held
+        try:
+            outcome = self._direct(stdout_fd, stderr_fd)
+        except (SSHError, APIConnectionError) as exc:
+            return 255, str(exc)  # as ssh: 255 when the connection fails
+        finally:
+            if self.started is not None:
+                self.ended = time.monotonic()
+        return outcome.status, outcome.message
+
+    def _direct(self, stdout_fd: int, stderr_fd: int) -> StreamOutcome:
+        with _connect(self.ctx, self.sandbox) as shell:
+            self.started = time.monotonic()
+            return stream_command(
+                shell.channel_source(),
+                _command_argv(self.words),
+                cwd=self.cwd,
+                env=self.variables or None,
+                timeout=self.timeout,
+                pty=self.tty,
+                stdin_fd=None if self.no_stdin else sys.stdin.fileno(),
+                stdout_fd=stdout_fd,
+                stderr_fd=stderr_fd,
+            )
+
+
+def _exec_in_holder(
+    config: Any,
     sandbox: str,
-    words: list[str],
-    cwd: str | None,
-    variables: dict[str, str],
-    timeout: float | None,
-    tty: bool,
-    no_stdin: bool,
-) -> StreamOutcome:
-    with _connect(ctx, sandbox) as shell:
-        return stream_command(
-            shell._manager.source(),
-            _command_argv(words),
-            cwd=cwd,
-            env=variables or None,
-            timeout=timeout,
-            pty=tty,
-            stdin_fd=None if no_stdin else sys.stdin.fileno(),
-            stdout_fd=sys.stdout.fileno(),
-            stderr_fd=sys.stderr.fileno(),
-        )
-
-
-def _exec_in_holder(config: Any, sandbox: str, job: dict[str, Any], g: Globals) -> int | None:
-    """Run ``job`` in this sandbox's session holder (started if need be); its status.
-    None if holders cannot be used here."""
+    job: dict[str, Any],
+    g: Globals,
+    fds: tuple[int, int, int],
+    run: _ExecRun,
+) -> tuple[int, str | None] | None:
+    """Run ``job`` in this sandbox's session holder (started if need be): (status,
+    message). None if holders cannot be used here."""
     assert g.persist is not None
     for _attempt in range(3):
         try:
@@ -480,28 +591,138 @@ def _exec_in_holder(config: Any, sandbox: str, job: dict[str, Any], g: Globals) 
             old = signal.signal(signal.SIGTERM, _protocol.on_sigterm)
         try:
             sys.stdout.flush()
-            status, error = _protocol.attach_exec(
-                path, job, (sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
-            )
+            run.started = time.monotonic()
+            status, error = _protocol.attach_exec(path, job, fds)
         except _protocol.HolderUnavailable:
+            run.started = None
             continue  # it was exiting (idle) as we came: start another
         except _protocol.Interrupted as exc:
             raise CLIError(str(exc), exc.code) from None
         except _protocol.ProtocolError as exc:
-            raise CLIError(str(exc), 255) from None
+            return 255, str(exc)
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
-        if error:
-            raise CLIError(error, status)
-        return status
+            if run.started is not None:
+                run.ended = time.monotonic()
+        return status, error
     raise CLIError("could not reach a session holder (try --no-persist)", 255)
+
+
+# -- ls ------------------------------------------------------------------------------------
+
+_STATUS_RE = re.compile(r"^[A-Za-z_]{1,32}$")
+_PER_PAGE_MAX = 100  # the API's (and _api.list_sandboxes') largest page
+_MAX_PAGES = 100_000  # a server that always says hasNext cannot keep us here forever
+
+
+def _cell(value: Any) -> str:
+    # A name with a tab or escape sequence must not break the table or the terminal.
+    if value is None:
+        return "-"
+    return "".join(c if c.isprintable() else "?" for c in str(value)) or "-"
+
+
+def _when(value: Any) -> str | None:
+    if value is None:
+        return None
+    # The models parse times as aware UTC datetimes; shown to the second, with a Z.
+    text = str(value.isoformat(timespec="seconds")) if hasattr(value, "isoformat") else str(value)
+    return text.replace("+00:00", "Z")
+
+
+@app.command(
+    "ls",
+    epilog="Example: `sshbridge ls --status RUNNING --limit 20`",
+)
+@_guard
+def ls_cmd(
+    ctx: typer.Context,
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            "-s",
+            metavar="STATUS",
+            help="Only sandboxes with this status (RUNNING, PENDING, PROVISIONING, PAUSED, "
+            "ERROR, TERMINATED, TIMEOUT; any case); repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit",
+            "-l",
+            min=1,
+            metavar="N",
+            help="At most N sandboxes (default: all, every page followed).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON array of {id, name, status, created_at, docker_image, vm}.",
+        ),
+    ] = False,
+) -> int:
+    """List your sandboxes (the team's, with PRIME_TEAM_ID): id, name, status, created."""
+    wanted: set[str] = set()
+    for word in status or []:
+        if not _STATUS_RE.fullmatch(word):
+            raise typer.BadParameter(f"{word!r} is not a sandbox status", param_hint="'--status'")
+        wanted.add(word.upper())
+    g = _globals(ctx)
+    config = load_config(api_key=g.api_key, base_url=g.base_url)
+    rows: list[dict[str, Any]] = []
+    per_page = _PER_PAGE_MAX if limit is None or wanted else min(limit, _PER_PAGE_MAX)
+    # The documented endpoint has no status filter, so it is applied here, page by page.
+    with APIClient(config) as api:
+        page = 1
+        while page <= _MAX_PAGES and (limit is None or len(rows) < limit):
+            answer = api.list_sandboxes(page=page, per_page=per_page)
+            for sb in answer.sandboxes:
+                if wanted and sb.status.upper() not in wanted:
+                    continue
+                rows.append(
+                    {
+                        "id": sb.id,
+                        "name": sb.name,
+                        "status": sb.status,
+                        "created_at": _when(sb.created_at),
+                        "docker_image": sb.docker_image,
+                        "vm": sb.vm,
+                    }
+                )
+            if not answer.has_next or not answer.sandboxes:
+                break
+            page += 1
+    if limit is not None:
+        rows = rows[:limit]
+    if as_json:
+        sys.stdout.flush()
+        _jsonout.write_json(rows)
+        return 0
+    if not rows:
+        _err("no sandboxes" + (f" with status {', '.join(sorted(wanted))}" if wanted else ""))
+        return 0
+    table = [["ID", "NAME", "STATUS", "CREATED"]] + [
+        [_cell(r["id"]), _cell(r["name"]), _cell(r["status"]), _cell(r["created_at"])] for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    for line in table:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[3]
+        )
+    return 0
 
 
 # -- sessions, close -------------------------------------------------------------------------
 
 
-@app.command("sessions")
+@app.command("sessions", epilog="Example: `sshbridge sessions --json`")
 @_guard
 def sessions_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
@@ -539,14 +760,12 @@ def sessions_cmd(
     return 0
 
 
-@app.command("close")
+@app.command("close", epilog="Example: `sshbridge close sbx_abc123` (or `sshbridge close --all`)")
 @_guard
 def close_cmd(
     sandbox: Annotated[
         str | None,
-        typer.Argument(
-            metavar="[SANDBOX]", help="Close this sandbox's holders.", show_default=False
-        ),
+        typer.Argument(metavar="SANDBOX", help="Close this sandbox's holders.", show_default=False),
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Close every holder of this user.")] = False,
 ) -> int:
@@ -711,7 +930,11 @@ def _download(shell: SandboxSSH, src: str, dst: Path, recursive: bool, progress:
         bar.done(size)
 
 
-@app.command("cp")
+@app.command(
+    "cp",
+    epilog="Example: `sshbridge cp -r ./src sbx_abc123:work/` and "
+    "`sshbridge cp sbx_abc123:out/log.txt .`",
+)
 @_guard
 def cp_cmd(
     ctx: typer.Context,
@@ -788,7 +1011,10 @@ def _parse_spec(spec: str) -> tuple[str | None, int, str, int]:
     return bind, listen, host, target
 
 
-@app.command("forward")
+@app.command(
+    "forward",
+    epilog="Example: `sshbridge forward sbx_abc123 8888:8888` (then open http://127.0.0.1:8888)",
+)
 @_guard
 def forward_cmd(
     ctx: typer.Context,
@@ -796,7 +1022,7 @@ def forward_cmd(
     specs: Annotated[
         list[str],
         typer.Argument(
-            metavar="LOCAL_PORT[:REMOTE_HOST]:REMOTE_PORT...",
+            metavar="LOCAL_PORT[:REMOTE_HOST]:REMOTE_PORT",
             help="What to forward; REMOTE_HOST defaults to 127.0.0.1 (inside the sandbox), "
             "LOCAL_PORT 0 picks a free port. With -R: REMOTE_PORT[:LOCAL_HOST]:LOCAL_PORT.",
             show_default=False,
@@ -804,7 +1030,7 @@ def forward_cmd(
     ],
     bind: Annotated[
         str,
-        typer.Option("--bind", help="Local address to listen on (not with -R)."),
+        typer.Option("--bind", metavar="ADDRESS", help="Local address to listen on (not with -R)."),
     ] = "127.0.0.1",
     reverse: Annotated[
         bool,
@@ -840,17 +1066,21 @@ def forward_cmd(
 # -- emulator ------------------------------------------------------------------------------
 
 
-@app.command("emulator")
+@app.command("emulator", epilog="Example: `sshbridge emulator --sandboxes 2 --env-file emu.env`")
 @_guard
 def emulator_cmd(
     ctx: typer.Context,
     sandboxes: Annotated[
-        int, typer.Option("--sandboxes", "-n", min=0, max=1000, help="Sandboxes to create.")
+        int,
+        typer.Option(
+            "--sandboxes", "-n", min=0, max=1000, metavar="N", help="Sandboxes to create."
+        ),
     ] = 1,
     root: Annotated[
         Path | None,
         typer.Option(
             "--root",
+            metavar="DIR",
             help="Directory for the sandboxes' files (default: a temporary one, removed).",
             show_default=False,
         ),
@@ -868,6 +1098,7 @@ def emulator_cmd(
         Path | None,
         typer.Option(
             "--env-file",
+            metavar="PATH",
             help="Also write the printed lines to this file (mode 0600, atomically), for a "
             "script to source once it exists; removed when the emulator exits.",
             show_default=False,
@@ -946,25 +1177,45 @@ def emulator_cmd(
 
 
 class _Report:
-    def __init__(self) -> None:
-        from rich.console import Console
+    """The doctor's findings: printed as they come, or kept for one JSON object."""
 
-        self.console = Console(highlight=False, soft_wrap=True)
+    def __init__(self, as_json: bool = False) -> None:
+        self.console: Any = None
+        if not as_json:
+            from rich.console import Console
+
+            self.console = Console(highlight=False, soft_wrap=True)
         self.failures = 0
+        self.checks: list[dict[str, str | None]] = []
+        self._section = ""
 
-    def section(self, title: str) -> None:
-        self.console.print(f"[bold]{title}[/bold]")
+    def section(self, title: str, key: str | None = None) -> None:
+        self._section = key or title.lower()
+        if self.console is not None:
+            self.console.print(f"[bold]{title}[/bold]")
+
+    def _record(self, status: str, text: str, fix: str | None = None) -> None:
+        self.checks.append(
+            {"section": self._section, "status": status, "message": text, "fix": fix}
+        )
 
     def ok(self, text: str) -> None:
-        self.console.print(f"  [green]ok[/green]    {text}", markup=True)
+        self._record("ok", text)
+        if self.console is not None:
+            self.console.print(f"  [green]ok[/green]    {text}", markup=True)
 
     def info(self, text: str) -> None:
-        self.console.print(f"  [dim]info[/dim]  {text}")
+        self._record("info", text)
+        if self.console is not None:
+            self.console.print(f"  [dim]info[/dim]  {text}")
 
     def fail(self, text: str, fix: str) -> None:
         self.failures += 1
-        self.console.print(f"  [red]FAIL[/red]  {text}")
-        self.console.print(f"        [yellow]fix:[/yellow] {fix}")
+        text = _cli_message(text)
+        self._record("fail", text, fix)
+        if self.console is not None:
+            self.console.print(f"  [red]FAIL[/red]  {text}")
+            self.console.print(f"        [yellow]fix:[/yellow] {fix}")
 
 
 def _source_label(source: str) -> str:
@@ -980,22 +1231,46 @@ def _key_hint(key: str) -> str:
     return f"...{key[-4:]}" if len(key) >= 16 else "(short key, not shown)"
 
 
-@app.command("doctor")
+@app.command(
+    "doctor",
+    epilog="Example: `sshbridge doctor sbx_abc123` (or `sshbridge doctor --json` for scripts)",
+)
 @_guard
 def doctor_cmd(
     ctx: typer.Context,
     sandbox: Annotated[
         str | None,
         typer.Argument(
-            metavar="[SANDBOX]", help="Also check this sandbox and SSH to it.", show_default=False
+            metavar="SANDBOX", help="Also check this sandbox and SSH to it.", show_default=False
         ),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object instead: ok (true when nothing failed), sandbox, "
+            "and checks, a list of {section: configuration|api|sandbox|ssh, status: "
+            "ok|info|fail, message, fix}.",
+        ),
+    ] = False,
 ) -> int:
-    """Check configuration, API reachability and (with SANDBOX) an SSH round trip."""
-    g = _globals(ctx)
+    """Check configuration, API reachability and (with SANDBOX) an SSH round trip.
+
+    Exits 0 when every check passed, 1 otherwise.
+    """
     if sandbox is not None:
         validate_sandbox_id(sandbox)
-    r = _Report()
+    r = _Report(as_json)
+    _doctor(ctx, sandbox, r)
+    code = 0 if r.failures == 0 else 1
+    if as_json:
+        sys.stdout.flush()
+        _jsonout.write_json({"ok": code == 0, "sandbox": sandbox, "checks": r.checks})
+    return code
+
+
+def _doctor(ctx: typer.Context, sandbox: str | None, r: _Report) -> int:
+    g = _globals(ctx)
     r.section("Configuration")
     try:
         # Where each setting comes from is the config module's answer, not re-derived here.
@@ -1068,7 +1343,7 @@ def doctor_cmd(
     finally:
         api.close()
 
-    r.section(f"Sandbox {sandbox}")
+    r.section(f"Sandbox {sandbox}", "sandbox")
     if found.status != "RUNNING":
         r.fail(
             f"status {found.status}, not RUNNING",
@@ -1118,6 +1393,76 @@ def _ms(start: float) -> str:
 # -- entry point ---------------------------------------------------------------------------
 
 
+class _PlainArgument(TyperArgument):
+    """An argument shown as NAME (or [NAME], NAME...), without typer's ``{NAME}`` and
+    ``<type>`` labels, which read as syntax to type."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        name = self.metavar or (self.name or "").upper()
+        if not self.required:
+            name = f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+
+class _PlainOption(TyperOption):
+    """An option shown with its metavar (SECONDS), and flags with nothing after them."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        return (self.name or "value").upper()
+
+
+def _plain_param(param: Any) -> None:
+    if type(param) is TyperArgument:
+        param.__class__ = _PlainArgument
+    elif type(param) is TyperOption:
+        param.__class__ = _PlainOption
+
+
+def _plain_help(command: Any) -> None:
+    """Plain metavars throughout the command tree (typer's own options included)."""
+    todo = [command]
+    while todo:
+        cmd = todo.pop()
+        todo.extend(getattr(cmd, "commands", {}).values())
+        for param in cmd.params:
+            _plain_param(param)
+            if set(getattr(param, "opts", ())) & set(_COMPLETION_OPTIONS):
+                param.help = (param.help or "").rstrip(".") + (
+                    " (or the shell named after it: bash, zsh, fish, powershell)."
+                )
+        make_help = getattr(cmd, "get_help_option", None)
+        if callable(make_help):
+            # The --help option is made on first use, so it is fixed up as it is made.
+            def plain_help_option(ctx: Any, make: Callable[[Any], Any] = make_help) -> Any:
+                option = make(ctx)
+                _plain_param(option)
+                return option
+
+            cmd.get_help_option = plain_help_option
+
+
+_SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+_COMPLETION_OPTIONS = ("--show-completion", "--install-completion")
+
+
+def _names_a_shell(args: Sequence[str]) -> bool:
+    """Whether ``--show-completion``/``--install-completion`` are given a shell name."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in _COMPLETION_OPTIONS:
+            return (value if eq else (args[i + 1] if i + 1 < len(args) else "")) in _SHELLS
+        if not arg.startswith("-"):
+            return False  # a command: its own arguments are not ours to read
+    return False
+
+
 def _click_classes(name: str) -> tuple[type[Exception], ...]:
     # typer >= 0.20 vendors click as typer._click; older typer uses click itself.
     found: list[type[Exception]] = []
@@ -1141,20 +1486,76 @@ def _click_message(exc: BaseException) -> str:
     return str(fmt()) if callable(fmt) else str(exc)
 
 
+# Library messages speak of Python keywords (``api_key=...``); a CLI user needs the flag
+# or variable instead. Only what a CLI run can reach is listed.
+_CLI_WORDING: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\bor pass api_key=\.\.\."), "or pass --api-key"),
+    (re.compile(r"\bpass api_key=\.\.\."), "pass --api-key"),
+    (re.compile(r"\(from (the )?argument\)"), "(from --base-url)"),
+    (re.compile(r"\bbase_url\b"), "base URL"),
+    (re.compile(r"^sandbox_id\b"), "sandbox id"),
+    (re.compile(r"^ttl_seconds must\b"), "--ttl must"),
+    (re.compile(r"^timeout must\b"), "--timeout must"),
+    (re.compile(r"^cwd must\b"), "--cwd must"),
+    (re.compile(r"^env must\b"), "--env must"),
+    (re.compile(r"^local_host must\b"), "--bind must"),
+    (re.compile(r"\(or None\), "), ""),
+    (
+        re.compile(
+            r"If the server rotates its keys by design, use known_hosts=\.\.\. or "
+            r"host_key_policy=AcceptAnyHostKey\(\)"
+        ),
+        "If the server rotates its keys by design, run the command again",
+    ),
+)
+
+
+def _cli_message(message: str) -> str:
+    """A library message in the CLI's terms (flags and variables, not keywords)."""
+    text = _one_line(message)
+    for pattern, replacement in _CLI_WORDING:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def _fail(message: str, code: int) -> int:
-    _err(f"error: {_one_line(message)}")
+    _err(f"error: {_cli_message(message)}")
     return code
+
+
+# What to install when an optional dependency is missing (top-level module -> extra).
+_EXTRAS = {
+    "typer": "cli",
+    "click": "cli",
+    "rich": "cli",
+    "shellingham": "cli",
+    "asyncssh": "emulator",
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    top = (exc.name or "").partition(".")[0]
+    extra = _EXTRAS.get(top)
+    if extra is None:
+        return None
+    what = "the command line" if extra == "cli" else f"the {extra}"
+    return f"{what} needs the {extra!r} extra ({top} is missing): pip install 'sshbridge[{extra}]'"
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if _names_a_shell(args):
+        # typer's switch from "detect the running shell" to "take the shell named".
+        os.environ["_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"] = "1"
     command = typer.main.get_command(app)
+    _plain_help(command)
     old_term: Any = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rv = command.main(
-            args=list(argv) if argv is not None else sys.argv[1:],
+            args=args,
             prog_name="sshbridge",
             standalone_mode=False,
         )
@@ -1180,11 +1581,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except BrokenPipeError:
-        # stdout went away (`| head`): stop quietly, and keep Python from complaining.
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        _quiet_stdout()
         return 141
+    except ModuleNotFoundError as exc:
+        hint = _missing_extra(exc)
+        if hint is None:
+            if _verbosity:
+                traceback.print_exc()
+            return _fail(f"internal error: {exc} (run with -v for details)", 1)
+        return _fail(hint, 1)
     except OSError as exc:
         text = exc.strerror or str(exc)
         if exc.filename:
@@ -1202,9 +1607,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     return rv
 
 
+def _quiet_stdout() -> None:
+    # stdout went away (`| head`): stop quietly, and keep Python from complaining.
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main() -> NoReturn:
     """Console-script entry point."""
-    sys.exit(run())
+    code = run()
+    try:
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe would warn
+    except BrokenPipeError:
+        _quiet_stdout()
+        code = code or 141
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import time
 import types
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -31,7 +32,16 @@ _VALUED_EXEC = {
     "-w": "cwd",
     "--cwd": "cwd",
 }
-_FLAG_EXEC = {"-i": "stdin", "--stdin": "stdin", "-n": "no_stdin", "-t": "tty", "--tty": "tty"}
+_FLAG_EXEC = {
+    "-i": "stdin",
+    "--stdin": "stdin",
+    "-n": "no_stdin",
+    "-t": "tty",
+    "--tty": "tty",
+    "--json": "json",
+}
+# Set by the shell completion scripts typer generates: the full CLI answers those.
+_COMPLETE_ENV = "_SSHBRIDGE_COMPLETE"
 
 
 class _Defer(Exception):
@@ -164,6 +174,8 @@ def _forget_bare_package() -> None:
 
 
 def _try_fast(argv: Sequence[str]) -> int:
+    if os.environ.get(_COMPLETE_ENV):
+        raise _Defer
     try:
         opts = parse_exec(argv)
         job = _job(opts)
@@ -190,6 +202,8 @@ def _try_fast(argv: Sequence[str]) -> int:
     if path is None:
         raise _Defer
     job["persist"] = persist
+    if opts.get("json"):
+        return _fast_json(path, job, opts)
     old = signal.signal(signal.SIGTERM, _protocol.on_sigterm)
     try:
         status, error = _protocol.attach_exec(path, job)
@@ -208,6 +222,34 @@ def _try_fast(argv: Sequence[str]) -> int:
     return status
 
 
+def _fast_json(path: Any, job: dict[str, Any], opts: dict[str, Any]) -> int:
+    """``exec --json`` through a live holder: output captured, one JSON object printed."""
+    from . import _jsonout  # only here: plain exec stays as light as it was
+
+    out, err = _jsonout.capture_files()
+    with out, err:
+        old = signal.signal(signal.SIGTERM, _protocol.on_sigterm)
+        start = time.monotonic()
+        try:
+            status, error = _protocol.attach_exec(path, job, (0, out.fileno(), err.fileno()))
+        except (_protocol.HolderUnavailable, PermissionError):
+            raise _Defer from None
+        except _protocol.Interrupted as exc:
+            status, error = exc.code, str(exc)
+        except (_protocol.ProtocolError, OSError) as exc:
+            status, error = 255, str(exc)
+        finally:
+            signal.signal(signal.SIGTERM, old)
+        duration = time.monotonic() - start
+        result = _jsonout.exec_result(
+            opts["sandbox"], opts["command"], status, error, out, err, duration
+        )
+    _jsonout.write_json(result)
+    if error:
+        _error(error)
+    return status
+
+
 def _error(message: str) -> None:
     sys.stderr.write(f"sshbridge: error: {' '.join(message.split())}\n")
     sys.stderr.flush()
@@ -221,16 +263,45 @@ def main() -> NoReturn:
     except KeyboardInterrupt:
         _error("interrupted")
         code = 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        code = 141
     except _Defer:
-        try:
-            from sshbridge.cli import main as full_main
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("typer", "rich", "click"):
-                raise
-            _error(
-                f"the command line needs the 'cli' extra ({exc.name} is missing): "
-                "pip install 'sshbridge[cli]'"
-            )
-            sys.exit(1)
+        full_main = _load_full_cli()
         full_main()
     sys.exit(code)
+
+
+def _quiet_stdout() -> None:
+    # stdout went away (`| head`): nothing more to say, and no complaint at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+    except OSError:
+        pass
+
+
+_CLI_EXTRA = ("typer", "rich", "click", "shellingham")
+
+
+def _load_full_cli() -> Any:
+    try:
+        from sshbridge.cli import main as full_main
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing in _CLI_EXTRA:
+            _error(
+                f"the command line needs the 'cli' extra ({missing} is missing): "
+                "pip install 'sshbridge[cli]'"
+            )
+        else:
+            _error(
+                f"cannot load sshbridge: module {exc.name or exc} is missing; "
+                "reinstall it: pip install --force-reinstall 'sshbridge[cli]'"
+            )
+        sys.exit(1)
+    except ImportError as exc:
+        # A broken or half-upgraded installation, not something the user typed.
+        _error(f"cannot load sshbridge ({exc}); reinstall it: pip install 'sshbridge[cli]'")
+        sys.exit(1)
+    return full_main
