@@ -29,28 +29,7 @@ PLACEHOLDER_IDS = ("sbx_123", "sbx_456", "sbx_789")
 _BLOCK_RE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 
 # First line of the block -> why it cannot run as written.
-KNOWN_BROKEN = {
-    'from sshbridge import SandboxSSH\n\nwith SandboxSSH("sbx_123", ttl_seconds=900)': (
-        "runs `make` in /app (neither exists), uploads local.bin (absent) and reads "
-        "/remote/dir/x.bin"
-    ),
-    'with SandboxSSH("sbx_123", ttl_seconds=900) as shell:\n    job = shell.spawn(': (
-        "no import of SandboxSSH; cwd /workspace and train.py do not exist"
-    ),
-    "from sshbridge import Fleet\n": "sandbox_ids and ids are never defined; model.bin absent",
-    "from sshbridge import AsyncFleet, AsyncSandboxSSH\n": (
-        "top-level `async with`/`await` is not valid in a script; asyncio not imported, "
-        "sandbox_ids undefined"
-    ),
-    "from dask.distributed import Client\n": (
-        "needs a dask scheduler at tcp://scheduler:8786; Fleet not imported; "
-        "api_key=... passes Ellipsis"
-    ),
-    'with SandboxSSH("sbx_123") as shell:\n    with shell.forward(8888)': (
-        "no imports (SandboxSSH, requests); nothing listens on the sandbox's port 8888; "
-        "no psql; interactive() needs a terminal"
-    ),
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 def _blocks() -> list[tuple[int, str]]:
