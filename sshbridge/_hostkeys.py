@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 
 import paramiko
-import paramiko.hostkeys
 
+from ._compat import parse_known_hosts_line
 from ._exceptions import HostKeyMismatch, InvalidArgument
 
 __all__ = ["AcceptAnyHostKey", "HostKeyPolicy", "KnownHostsFile", "PinFirstHostKey"]
@@ -102,7 +102,7 @@ class KnownHostsFile(HostKeyPolicy):
                 else:
                     self.skipped.append(lineno)  # @cert-authority: no certificates here
                     continue
-            entry = _entry(line.strip(), lineno)
+            entry = parse_known_hosts_line(line.strip(), lineno)
             if entry is None:
                 self.skipped.append(lineno)
                 continue
@@ -159,16 +159,6 @@ class KnownHostsFile(HostKeyPolicy):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(f"{name} {key.get_name()} {key.get_base64()}\n")
-
-
-def _entry(line: str, lineno: int) -> paramiko.hostkeys.HostKeyEntry | None:
-    try:
-        entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
-    except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError, TypeError):
-        return None
-    if entry is None or entry.key is None or not entry.hostnames:
-        return None
-    return entry
 
 
 class AcceptAnyHostKey(HostKeyPolicy):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
+from . import _compat
 from ._exceptions import InvalidArgument
 from ._link import Link
 from ._runner import build_command, send_eof
@@ -229,7 +230,7 @@ def _pump(
                 write_all(stdout, chan.recv(_CHUNK))
             while chan.recv_stderr_ready():
                 write_all(stderr, chan.recv_stderr(_CHUNK))
-            if chan.eof_received or chan.closed:
+            if _compat.eof_received(chan) or chan.closed:
                 if not (chan.recv_ready() or chan.recv_stderr_ready()):
                     break
                 continue
@@ -281,11 +282,12 @@ def _pump(
     finally:
         sel.close()
     # Output is done; the exit status may trail the EOF by a moment.
-    while not chan.status_event.wait(0.2):
+    status = _compat.status_event(chan)
+    while not status.wait(0.2):
         transport = chan.get_transport()
         if transport is None or not transport.is_active():
             break
-    if chan.exit_status_ready() and chan.exit_status != -1:
+    if chan.exit_status_ready() and _compat.exit_status(chan) != -1:
         return int(chan.recv_exit_status())
     transport = chan.get_transport()
     if transport is None or not transport.is_active():

@@ -15,13 +15,26 @@ import select
 import socket
 import threading
 import time
-import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 import paramiko
 
-from ._exceptions import ChannelOpenError, ConnectionLost, SessionExpired, SSHConnectError
+from ._compat import (
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_CONNECT_FAILED,
+    OPEN_FAILED_UNKNOWN_CHANNEL_TYPE,
+    adopt_channel,
+    eof_received,
+    transport_socket,
+)
+from ._exceptions import (
+    ChannelOpenError,
+    ConnectionLost,
+    PortForwardError,
+    SessionExpired,
+    SSHConnectError,
+)
 from ._hostkeys import HostKeyPolicy
 from ._models import SSHSession
 from ._transport import SFTP_MAX_PACKET_SIZE, EphemeralKey, connect
@@ -47,6 +60,78 @@ class _Conn:
 
     def looks_full(self, now: float) -> bool:
         return now < self.refused_until and self.channels >= self.full_at
+
+
+class _Slot:
+    """One channel's share of its connection's count, given back once."""
+
+    __slots__ = ("conn", "link", "released")
+
+    def __init__(self, link: Link, conn: _Conn) -> None:
+        self.link = link
+        self.conn = conn
+        self.released = False
+
+
+class LinkChannel(paramiko.Channel):
+    """A paramiko channel opened by a :class:`Link`.
+
+    It is paramiko's own object (re-classed, see ``_compat.adopt_channel``) and holds
+    one slot of its connection's count until it is closed, by close() or when paramiko
+    closes it on garbage collection. Names carry a prefix so they never shadow
+    paramiko's (the contract test checks).
+    """
+
+    _sshbridge_slot: _Slot | None = None
+    _sshbridge_spare = False
+
+    def close(self) -> None:
+        try:
+            # Raises EOFError when the connection is already gone: the slot is released
+            # all the same.
+            super().close()
+        finally:
+            slot = self._sshbridge_slot
+            if slot is not None:
+                slot.link._release(slot)
+
+    @property
+    def sshbridge_spare(self) -> bool:
+        """Opened ahead of need and handed out idle: the server may have closed it just
+        before its first request."""
+        return self._sshbridge_spare
+
+    def sshbridge_note_refusal(self) -> bool:
+        """The server refused a request (exec, pty-req) on this open channel: its
+        connection counts as full at its other channels' load for a moment, so a retry
+        goes elsewhere. True if that connection carries other channels (the refusal
+        may then be about load)."""
+        slot = self._sshbridge_slot
+        return False if slot is None else slot.link._note_refusal(slot)
+
+
+class _Refused(Exception):
+    """An open refused by the server's OPEN_FAILURE (may be about room)."""
+
+    def __init__(self, cause: paramiko.ChannelException) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class _Lost(Exception):
+    """An open that failed because its transport went away."""
+
+
+def _final_refusal(kind: str, exc: paramiko.ChannelException, others: int) -> bool:
+    """A refusal that cannot be about room, so retrying elsewhere would not help:
+    "connect failed" (nothing listens at the destination), an unknown channel type, and
+    "administratively prohibited" from a connection with no other channel open or
+    opening. Session opens are always retried: servers refuse them only at their cap."""
+    if kind == "session":
+        return False
+    if exc.code in (OPEN_FAILED_CONNECT_FAILED, OPEN_FAILED_UNKNOWN_CHANNEL_TYPE):
+        return True
+    return exc.code == OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED and others == 0
 
 
 class Link:
@@ -85,7 +170,7 @@ class Link:
         # One session channel opened ahead of need: a command then pays only its exec
         # round trip. It counts against the channel cap, never as "busy" for draining.
         self.spare_channels = spare_channel
-        self._spare: paramiko.Channel | None = None
+        self._spare: LinkChannel | None = None
         self._spare_wanted = threading.Event()
         self._spare_thread: threading.Thread | None = None
         self._spare_refused_until = 0.0
@@ -187,10 +272,30 @@ class Link:
             return True
 
     def open_channel(
-        self, timeout: float = CHANNEL_OPEN_TIMEOUT, *, max_packet_size: int | None = None
-    ) -> paramiko.Channel:
-        """A new session channel; falls over to another transport when one is refused."""
-        plain = max_packet_size is None
+        self,
+        kind: str = "session",
+        dest: tuple[str, int] | None = None,
+        origin: tuple[str, int] | None = None,
+        *,
+        timeout: float = CHANNEL_OPEN_TIMEOUT,
+        max_packet_size: int | None = None,
+    ) -> LinkChannel:
+        """A new channel (``"session"``, or ``"direct-tcpip"`` to ``dest`` from
+        ``origin``); falls over to another transport when one is refused.
+
+        Only the server's OPEN_FAILURE is a refusal: the next transport is tried, and
+        when all refused, one more is opened (up to ``max_connections``). A transport
+        that dies under the open is a lost connection, left to the session manager.
+        A direct-tcpip refusal that cannot be about room (nothing listens at ``dest``,
+        or "prohibited" from a connection carrying nothing else) raises
+        :class:`PortForwardError` at once. The channel holds a slot of its connection
+        until it is closed.
+        """
+        if not isinstance(kind, str):
+            raise TypeError(f"kind must be a channel type name, got {kind!r}")
+        if kind != "session" and (dest is None or origin is None):
+            raise ValueError(f"a {kind!r} channel needs dest and origin")
+        plain = kind == "session" and max_packet_size is None
         if plain and self.spare_channels:
             spare = self._take_spare()
             if spare is not None:
@@ -198,6 +303,7 @@ class Link:
                 return spare
         deadline = time.monotonic() + timeout
         delay = 0.01
+        last: paramiko.ChannelException | None = None
         while True:
             with self._lock:
                 if self._closed:
@@ -208,96 +314,148 @@ class Link:
                 # round trip, and many threads would otherwise all try the same one.
                 open_ = [c for c in self._conns if not c.looks_full(now)]
                 if not open_ and self._conns and len(self._conns) < self.max_connections:
-                    generation = self._generation
                     candidates = []
                 else:
                     candidates = sorted(open_ or self._conns, key=lambda c: c.channels)
-                    generation = self._generation
+                generation = self._generation
             refused = 0
             for c in candidates:
                 with self._lock:
-                    # Counted from the moment of opening: other threads spread out, and a
-                    # retired link never looks idle (and gets closed) under an opening channel.
-                    c.channels += 1
-                    self.active_channels += 1
+                    # Counted from the moment of opening: other threads spread out, and
+                    # a retired link never looks idle (and gets closed) under an
+                    # opening channel.
+                    self._reserve_locked(c)
                 try:
-                    chan = c.transport.open_session(
-                        timeout=max(1.0, deadline - time.monotonic()),
-                        max_packet_size=max_packet_size,
+                    chan = self._open_reserved(
+                        c, kind, dest, origin, deadline - time.monotonic(), max_packet_size
                     )
-                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
-                    with self._lock:
-                        c.channels -= 1
-                        self.active_channels -= 1
-                        self._idle.notify_all()
-                        # Only the server's OPEN_FAILURE is a refusal. A transport dying
-                        # under the open is a lost connection: growing the link then
-                        # would hide it from the session manager (stopped sandbox,
-                        # reconnect count) and wait out a connect to a closed exposure.
-                        if isinstance(exc, paramiko.ChannelException):
-                            refused += 1
-                            c.full_at = max(1, c.channels)
-                            c.refused_until = time.monotonic() + REFUSAL_MEMORY
+                except _Refused as exc:
+                    refused += 1
+                    last = exc.cause
                     continue
-                # The channel keeps its connection's count until it closes.
-                self._track(c, chan)
+                except _Lost:
+                    continue
                 if plain and self.spare_channels:
                     self._want_spare()
                 return chan
             if not candidates and not self._conns:
                 # Every connection is gone: the session manager decides what that means
                 # (reconnect, new session, stopped sandbox), not this link.
-                raise self.lost_error("before a channel could open")
+                what = "a channel" if kind == "session" else "a forwarded connection"
+                raise self.lost_error(f"before {what} could open")
             if refused == len(candidates) and self._grow(generation):
                 continue
             if time.monotonic() >= deadline:
+                if kind == "session":
+                    raise ChannelOpenError(
+                        f"sandbox {self.sandbox_id}: the server refused new channels for "
+                        f"{timeout:g} s on {len(self._conns)} connection(s); too many "
+                        "concurrent commands, or lower the concurrency"
+                    )
+                reason = f" ({last.text})" if last is not None and last.text else ""
                 raise ChannelOpenError(
                     f"sandbox {self.sandbox_id}: the server refused new channels for "
-                    f"{timeout:g} s on {len(self._conns)} connection(s); too many concurrent "
-                    "commands, or lower the concurrency"
+                    f"{timeout:g} s{reason}; too many simultaneous forwarded connections"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
 
-    def _track(self, conn: _Conn, chan: paramiko.Channel) -> None:
-        """Release the slot reserved for ``chan`` (on ``conn``) when it closes."""
-        # A weak reference: a closure holding the channel would make a reference cycle
-        # that only the cyclic garbage collector frees.
-        chan_ref = weakref.ref(chan)
-        done = [False]
+    def transports(self) -> list[paramiko.Transport]:
+        """The live transports of this link, oldest first (e.g. to request a remote
+        forward on). Channels are opened with open_channel(), never on these."""
+        with self._lock:
+            self._prune()
+            return [c.transport for c in self._conns]
 
-        def close() -> None:
-            target = chan_ref()
-            try:
-                if target is not None:
-                    # Raises EOFError when the connection is already gone: the slot is
-                    # released all the same.
-                    paramiko.Channel.close(target)
-            finally:
-                with self._lock:
-                    if not done[0]:
-                        done[0] = True
-                        conn.channels -= 1
-                        self.active_channels -= 1
-                        self._idle.notify_all()
+    # -- channel slots -------------------------------------------------------------------
 
-        chan.close = close  # type: ignore[method-assign]
+    def _reserve_locked(self, conn: _Conn) -> None:
+        conn.channels += 1
+        self.active_channels += 1
 
-        def note_refusal() -> bool:
-            # The server refused a request (exec, pty-req) on this open channel: like a
-            # refused open, the connection counts as full at its other channels' load
-            # for a moment, so the retry goes elsewhere. True if it carries others.
+    def _open_reserved(
+        self,
+        conn: _Conn,
+        kind: str,
+        dest: tuple[str, int] | None,
+        origin: tuple[str, int] | None,
+        timeout: float,
+        max_packet_size: int | None,
+        on_failure: Callable[[_Conn, bool], None] | None = None,
+    ) -> LinkChannel:
+        """Open one channel on ``conn``, whose slot the caller reserved.
+
+        On failure the slot is released, and a refusal that may be about room makes
+        the connection count as full at its load for REFUSAL_MEMORY; ``on_failure(conn,
+        refused)`` runs in the same locked section. Raises _Refused or _Lost, or
+        PortForwardError for a final direct-tcpip refusal.
+        """
+        try:
+            if kind == "session":
+                raw = conn.transport.open_session(
+                    timeout=max(1.0, timeout), max_packet_size=max_packet_size
+                )
+            else:
+                raw = conn.transport.open_channel(
+                    kind,
+                    dest,
+                    origin,
+                    timeout=max(1.0, timeout),
+                    max_packet_size=max_packet_size,
+                )
+        except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
+            # Only the server's OPEN_FAILURE is a refusal. A transport dying under the
+            # open is a lost connection: growing the link then would hide it from the
+            # session manager (stopped sandbox, reconnect count) and wait out a connect
+            # to a closed exposure.
+            refusal = exc if isinstance(exc, paramiko.ChannelException) else None
             with self._lock:
-                others = max(0, conn.channels - (0 if done[0] else 1))
-                conn.full_at = others
-                conn.refused_until = time.monotonic() + REFUSAL_MEMORY
-            return others > 0
+                others = conn.channels - 1
+                final = refusal is not None and _final_refusal(kind, refusal, others)
+                conn.channels -= 1
+                self.active_channels -= 1
+                if refusal is not None and not final:
+                    conn.full_at = max(1, conn.channels)
+                    conn.refused_until = time.monotonic() + REFUSAL_MEMORY
+                if on_failure is not None:
+                    on_failure(conn, refusal is not None)
+                self._idle.notify_all()
+            if refusal is None:
+                raise _Lost() from exc
+            if final:
+                assert dest is not None
+                raise PortForwardError(
+                    f"sandbox {self.sandbox_id}: cannot open a connection to "
+                    f"{dest[0]}:{dest[1]} in the sandbox: {refusal.text or 'refused'}"
+                ) from None
+            raise _Refused(refusal) from None
+        chan = adopt_channel(raw, LinkChannel)
+        # The channel keeps its connection's slot until it closes.
+        chan._sshbridge_slot = _Slot(self, conn)
+        return chan
 
-        chan.sshbridge_note_refusal = note_refusal  # type: ignore[attr-defined]
+    def _release(self, slot: _Slot) -> None:
+        with self._lock:
+            if slot.released:
+                return
+            slot.released = True
+            slot.conn.channels -= 1
+            self.active_channels -= 1
+            self._idle.notify_all()
+
+    def _note_refusal(self, slot: _Slot) -> bool:
+        # The server refused a request (exec, pty-req) on this open channel: like a
+        # refused open, the connection counts as full at its other channels' load for a
+        # moment, so the retry goes elsewhere. True if it carries others.
+        with self._lock:
+            others = max(0, slot.conn.channels - (0 if slot.released else 1))
+            slot.conn.full_at = others
+            slot.conn.refused_until = time.monotonic() + REFUSAL_MEMORY
+        return others > 0
 
     # -- the spare channel ---------------------------------------------------------------
 
-    def _take_spare(self) -> paramiko.Channel | None:
+    def _take_spare(self) -> LinkChannel | None:
         with self._lock:
             # One being opened already is never slower than opening another: it started
             # earlier (in a loop of short commands it lands just as the previous ends).
@@ -318,7 +476,7 @@ class Link:
             return None
         transport = chan.get_transport()
         usable = transport is not None and transport.is_active() and _peer_open(transport)
-        if chan.closed or chan.eof_received or not usable:
+        if chan.closed or eof_received(chan) or not usable:
             with contextlib.suppress(Exception):
                 chan.close()  # releases its slot
             if transport is not None and transport.is_active():
@@ -327,7 +485,7 @@ class Link:
                 log.debug("server closed an idle spare channel; no more spares on this link")
                 self.spare_channels = False
             return None
-        chan.sshbridge_spare = True  # type: ignore[attr-defined]
+        chan._sshbridge_spare = True
         return chan
 
     def _want_spare(self) -> None:
@@ -344,6 +502,14 @@ class Link:
         self._spare_wanted.set()
 
     def _keep_spare(self) -> None:
+        def failed(conn: _Conn, refused: bool) -> None:
+            # Runs under the lock, with the slot already released.
+            self._spare_pending = False
+            if refused:
+                # At the server's cap: no spare until the refusal is forgotten (the
+                # connection counts as full at this load, as after any refusal).
+                self._spare_refused_until = conn.refused_until
+
         while True:
             self._spare_wanted.wait()
             self._spare_wanted.clear()
@@ -363,26 +529,15 @@ class Link:
                 if not ready:
                     continue
                 conn = min(ready, key=lambda c: c.channels)
-                conn.channels += 1
-                self.active_channels += 1
+                self._reserve_locked(conn)
                 self._spare_pending = True
             try:
-                chan = conn.transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
-            except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
-                with self._lock:
-                    self._spare_pending = False
-                    conn.channels -= 1
-                    self.active_channels -= 1
-                    self._idle.notify_all()
-                    if not isinstance(exc, paramiko.ChannelException):
-                        continue  # the connection is gone, not full
-                    # At the server's cap: no spare until the refusal is forgotten, and
-                    # the connection counts as full at this load, as after any refusal.
-                    self._spare_refused_until = time.monotonic() + REFUSAL_MEMORY
-                    conn.full_at = max(1, conn.channels)
-                    conn.refused_until = self._spare_refused_until
+                # One try on one connection: a spare never grows the link or waits.
+                chan = self._open_reserved(
+                    conn, "session", None, None, CHANNEL_OPEN_TIMEOUT, None, failed
+                )
+            except (_Refused, _Lost):
                 continue
-            self._track(conn, chan)
             with self._lock:
                 self._spare_pending = False
                 keep = not (self._closed or self._retiring or self._spare is not None)
@@ -417,8 +572,8 @@ class Link:
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 chan.close()
                 raise self.lost_error(f"while starting SFTP ({exc})") from None
-            conn = next((c for c in self._conns if c.transport is chan.get_transport()), None)
-            pair = (conn or _Conn(chan.get_transport()), client)
+            slot = chan._sshbridge_slot
+            pair = (slot.conn if slot is not None else _Conn(chan.get_transport()), client)
         ok = False
         try:
             yield pair[1]
@@ -485,8 +640,10 @@ class Link:
         for c in conns:
             # Shut the socket first: paramiko's reader thread then wakes at once instead
             # of at its next 0.1 s poll (measured: close 189 ms -> ~90 ms per session).
-            with contextlib.suppress(OSError):
-                c.transport.sock.shutdown(socket.SHUT_RDWR)
+            sock = transport_socket(c.transport)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(Exception):
                 c.transport.close()
         for c in conns:
@@ -505,8 +662,8 @@ def _peer_open(transport: paramiko.Transport) -> bool:
     reader thread may not have noticed yet: a spare channel on it must not be used, or
     a command would be sent into a dead connection (its outcome then unknown) instead of
     the link reconnecting first. One non-blocking peek; consumes nothing."""
-    sock = getattr(transport, "sock", None)
-    if not isinstance(sock, socket.socket):
+    sock = transport_socket(transport)
+    if sock is None:
         return True
     try:
         # paramiko's socket has a timeout, so a plain recv would wait for data first:

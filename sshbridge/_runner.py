@@ -16,13 +16,13 @@ import selectors
 import shlex
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import paramiko
-from paramiko.common import MSG_CHANNEL_FAILURE, cMSG_CHANNEL_REQUEST
-from paramiko.message import Message
 
+from . import _compat
 from ._cancel import CANCEL_VAR, kill_script, split_token
 from ._exceptions import (
     ChannelRequestRefused,
@@ -31,6 +31,7 @@ from ._exceptions import (
     ConnectionLost,
     InvalidArgument,
 )
+from ._link import LinkChannel
 from ._result import CommandResult
 
 log = logging.getLogger("sshbridge.run")
@@ -135,28 +136,12 @@ def send_eof(chan: paramiko.Channel) -> None:
     An EOF for a channel sshd has already freed makes it drop the whole connection
     ("ieof packet referred to nonexistent channel"), killing every other command on it.
     """
-    transport = chan.get_transport()
-    with chan.lock:
-        if chan.closed or chan.eof_sent or transport is None:
-            return
-        m = chan._send_eof()  # type: ignore[attr-defined]
-        if m is not None:
-            transport._send_user_message(m)  # type: ignore[attr-defined]
+    _compat.send_eof(chan)
 
 
 def send_signal(chan: paramiko.Channel, name: str) -> None:
     """RFC 4254 "signal" request (paramiko has no API for it). Best effort, no reply."""
-    transport = chan.get_transport()
-    with chan.lock:
-        if chan.closed or transport is None:
-            return
-        m = Message()
-        m.add_byte(cMSG_CHANNEL_REQUEST)
-        m.add_int(chan.remote_chanid)
-        m.add_string("signal")
-        m.add_boolean(False)
-        m.add_string(name)
-        transport._send_user_message(m)  # type: ignore[attr-defined]
+    _compat.send_channel_request(chan, "signal", name)
 
 
 class _Stream:
@@ -225,14 +210,8 @@ def pty_input(data: bytes) -> bytes:
 # -- refused requests ------------------------------------------------------------------
 
 
-def _refusal_noted(chan: paramiko.Channel, m: Message) -> None:
-    chan._sshbridge_refused = True  # type: ignore[attr-defined]
-    _CHANNEL_FAILURE(chan, m)
-
-
-# paramiko's channel handler table is private (typeshed omits it): reached via getattr.
-_HANDLERS: dict[int, Any] = getattr(paramiko.Transport, "_channel_handler_table", {})
-_CHANNEL_FAILURE: Any = _HANDLERS.get(MSG_CHANNEL_FAILURE)
+# Channels whose last request got the server's failure reply (weak: no channel is kept).
+_refused: weakref.WeakSet[paramiko.Channel] = weakref.WeakSet()
 
 
 def _watch_refusals(transport: paramiko.Transport | None) -> None:
@@ -240,16 +219,10 @@ def _watch_refusals(transport: paramiko.Transport | None) -> None:
 
     paramiko reports that reply (MSG_CHANNEL_FAILURE) like a channel closed by the
     server, "Channel closed.", so without this a refused exec looks like a lost
-    connection. paramiko looks its channel handlers up on the instance: a per-transport
-    copy of the table with one handler wrapped.
+    connection.
     """
-    if transport is None or _CHANNEL_FAILURE is None:
-        return
-    if "_channel_handler_table" in vars(transport):
-        return
-    table = dict(getattr(type(transport), "_channel_handler_table", _HANDLERS))
-    table[MSG_CHANNEL_FAILURE] = _refusal_noted
-    setattr(transport, "_channel_handler_table", table)  # noqa: B010 - private, untyped
+    if transport is not None:
+        _compat.watch_channel_failures(transport, _refused.add)
 
 
 def start_command(
@@ -288,9 +261,10 @@ def start_command(
             chan.exec_command(wire)
             return chan
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            refused = getattr(chan, "_sshbridge_refused", False)
+            refused = chan in _refused
             alive = transport is not None and transport.is_active()
-            spare = getattr(chan, "sshbridge_spare", False)
+            linked = chan if isinstance(chan, LinkChannel) else None
+            spare = linked is not None and linked.sshbridge_spare
             unsent = isinstance(exc, (EOFError, OSError))  # the request could not go out
             if not refused and resends < 2 and (unsent or (spare and alive)):
                 # Never started: the request was not sent (the connection was already
@@ -299,10 +273,11 @@ def start_command(
                 resends += 1
                 chan.close()
                 continue
-            # The link counts the connection as full (see Link._track); True when it
-            # carries other channels, i.e. the refusal may be about load.
-            note = getattr(chan, "sshbridge_note_refusal", None)
-            busy = bool(note()) if refused and alive and callable(note) else False
+            # The link counts the connection as full; True when it carries other
+            # channels, i.e. the refusal may be about load.
+            busy = False
+            if refused and alive and linked is not None:
+                busy = linked.sshbridge_note_refusal()
             chan.close()
             if not (refused and alive):
                 what_failed = f"starting {short_display(display)} failed: {exc}"
@@ -395,7 +370,7 @@ def execute(
                 out.feed(chan.recv(_READ))
             while chan.recv_stderr_ready():
                 err.feed(chan.recv_stderr(_READ))
-            if (chan.eof_received or chan.closed) and not (
+            if (_compat.eof_received(chan) or chan.closed) and not (
                 chan.recv_ready() or chan.recv_stderr_ready()
             ):
                 break
@@ -412,13 +387,14 @@ def execute(
             dead = transport is None or not transport.is_active()
             if dead and not (chan.recv_ready() or chan.recv_stderr_ready()):
                 break
+        status = _compat.status_event(chan)
         if not timed_out:
-            while not chan.status_event.is_set():
+            while not status.is_set():
                 wait = 1.0 if deadline is None else deadline - time.monotonic()
                 if wait <= 0:
                     timed_out = True
                     break
-                chan.status_event.wait(min(wait, 1.0))
+                status.wait(min(wait, 1.0))
                 transport = chan.get_transport()
                 if transport is None or not transport.is_active():
                     break
@@ -439,7 +415,7 @@ def execute(
                 result=result,
                 timeout=float(timeout or 0),
             )
-        status_known = chan.status_event.is_set() and chan.exit_status != -1
+        status_known = status.is_set() and _compat.exit_status(chan) != -1
         if not status_known and connection_going_down(chan):
             raise source.lost_error(f"while running {short_display(display)}")
         result = CommandResult(
@@ -515,7 +491,8 @@ def stop_remote(
             return False
         try:
             send_eof(killer)
-            return killer.status_event.wait(timeout) and killer.exit_status == 0
+            done = _compat.status_event(killer).wait(timeout)
+            return done and _compat.exit_status(killer) == 0
         finally:
             killer.close()
     finally:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import paramiko
 
+from . import _compat
 from ._cancel import new_token
 from ._interactive import write_all
 from ._runner import (
@@ -46,10 +47,6 @@ class StreamOutcome:
 
     status: int
     message: str | None = None
-
-
-
-
 
 
 class _Feeder(threading.Thread):
@@ -153,7 +150,7 @@ def stream_command(
                 stop_remote(source, token, chan=chan)
                 outcome = StreamOutcome(141)
                 break
-            if (chan.eof_received or chan.closed) and not (
+            if (_compat.eof_received(chan) or chan.closed) and not (
                 chan.recv_ready() or chan.recv_stderr_ready()
             ):
                 break
@@ -172,18 +169,19 @@ def stream_command(
             ):
                 break
         if outcome is None:
-            while not chan.status_event.is_set():
+            status = _compat.status_event(chan)
+            while not status.is_set():
                 wait = 1.0 if deadline is None else deadline - time.monotonic()
                 if wait <= 0:
                     break
-                chan.status_event.wait(min(wait, 1.0))
+                status.wait(min(wait, 1.0))
                 transport = chan.get_transport()
                 if transport is None or not transport.is_active():
                     break
             if (
                 deadline is not None
                 and time.monotonic() >= deadline
-                and not (chan.status_event.is_set())
+                and not status.is_set()
             ):
                 stopped = stop_remote(source, token, chan=chan)
                 how = (
@@ -196,7 +194,7 @@ def stream_command(
                     f"command {short_display(display)} did not finish within {timeout:g} s; {how}",
                 )
             else:
-                known = chan.status_event.is_set() and chan.exit_status != -1
+                known = status.is_set() and _compat.exit_status(chan) != -1
                 if not known and connection_going_down(chan):
                     raise source.lost_error(f"while running {short_display(display)}")
                 if known:

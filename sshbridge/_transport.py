@@ -16,24 +16,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 from tenacity.stop import stop_base
 
+from ._compat import handshake_done, quiet_channel_open_failures, set_handshake_timeouts
 from ._exceptions import ConnectionLost, HostKeyMismatch, SSHConnectError
 from ._hostkeys import HostKeyPolicy
 
 log = logging.getLogger("sshbridge.transport")
 
 
-class _QuietChannelRefusals(logging.Filter):
-    """paramiko logs a refused channel at ERROR; here it is routine (we open another
-    connection), so it is demoted to DEBUG instead of reaching the user's stderr."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and "open FAILED" in str(record.msg):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
-
-
-logging.getLogger("paramiko.transport").addFilter(_QuietChannelRefusals())
+# A refused channel is routine here (another connection is tried): not an ERROR line.
+quiet_channel_open_failures()
 
 # Larger than paramiko's 2 MiB default so one command's output rarely waits on a window
 # adjust; still small enough that 64 channels stay well inside memory.
@@ -110,14 +101,12 @@ def _open_once(
     # AES-GCM first where paramiko has it: measured ~1/3 less CPU per byte than CTR+HMAC.
     gcm = tuple(c for c in _GCM if c in options.ciphers)
     options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
-    transport.banner_timeout = timeout
-    transport.auth_timeout = timeout
-    transport.handshake_timeout = timeout
+    set_handshake_timeouts(transport, timeout)
     try:
         try:
             transport.start_client(timeout=timeout)
             # start_client returns silently when its timeout passes mid-handshake.
-            if not transport.is_active() or not transport.initial_kex_done:
+            if not transport.is_active() or not handshake_done(transport):
                 raise _Retry(
                     f"SSH handshake with {host}:{port} did not finish within {timeout:.1f} s"
                 )

@@ -23,14 +23,10 @@ from collections.abc import Callable
 from types import TracebackType
 
 import paramiko
-from paramiko.common import (
-    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
-    OPEN_FAILED_CONNECT_FAILED,
-    OPEN_FAILED_UNKNOWN_CHANNEL_TYPE,
-)
 
-from ._exceptions import ChannelOpenError, ConnectionLost, InvalidArgument, PortForwardError
-from ._link import Link
+from ._compat import wait_channel, wake_channel_waiters
+from ._exceptions import InvalidArgument, PortForwardError
+from ._link import CHANNEL_OPEN_TIMEOUT, Link
 from ._runner import send_eof
 
 log = logging.getLogger("sshbridge.forward")
@@ -39,7 +35,6 @@ LinkSource = Callable[[], Link]
 
 _CHUNK = 32768
 DEFAULT_MAX_CONNECTIONS = 64
-CHANNEL_OPEN_TIMEOUT = 30.0
 _JOIN_TIMEOUT = 5.0
 
 
@@ -61,91 +56,6 @@ def check_host(value: object, name: str) -> str:
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
         raise InvalidArgument(f"{name} must be a non-empty host name or address, got {value!r}")
     return value.strip()
-
-
-# -- channels ----------------------------------------------------------------------------
-
-
-def open_tcpip_channel(
-    link: Link,
-    dest: tuple[str, int],
-    origin: tuple[str, int],
-    timeout: float = CHANNEL_OPEN_TIMEOUT,
-) -> paramiko.Channel:
-    """A ``direct-tcpip`` channel to ``dest`` inside the sandbox.
-
-    Like :meth:`Link.open_channel` it moves to another transport (opening one if allowed)
-    when a connection refuses for lack of room. Final at once: "connect failed" (nothing
-    listens at ``dest``) and an "administratively prohibited" from a connection with no
-    other channel open or opening, which cannot be about room.
-    """
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    last: paramiko.ChannelException | None = None
-    while True:
-        with link._lock:
-            if link.closed:
-                raise ConnectionLost(f"session {link.session.session_id} is closed")
-            link._prune()
-            candidates = sorted(link._conns, key=lambda c: c.channels)
-            generation = link._generation
-        refused = 0
-        for conn in candidates:
-            # Reserve a slot while opening, as Link.open_channel does, so concurrent opens
-            # spread out and a busy connection never looks empty.
-            with link._lock:
-                conn.channels += 1
-                link.active_channels += 1
-            others = 0
-            chan: paramiko.Channel | None = None
-            try:
-                chan = conn.transport.open_channel(
-                    "direct-tcpip",
-                    dest,
-                    origin,
-                    timeout=max(1.0, deadline - time.monotonic()),
-                )
-            except paramiko.ChannelException as exc:
-                with link._lock:
-                    others = conn.channels - 1
-                final = exc.code in (OPEN_FAILED_CONNECT_FAILED, OPEN_FAILED_UNKNOWN_CHANNEL_TYPE)
-                if exc.code == OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED and others == 0:
-                    final = True
-                if final:
-                    raise PortForwardError(
-                        f"sandbox {link.sandbox_id}: cannot open a connection to "
-                        f"{dest[0]}:{dest[1]} in the sandbox: {exc.text or 'refused'}"
-                    ) from None
-                refused += 1
-                last = exc
-                continue
-            except (paramiko.SSHException, EOFError, OSError):
-                continue  # this transport is gone; _prune drops it next round
-            finally:
-                if chan is None:
-                    with link._lock:
-                        conn.channels -= 1
-                        link.active_channels -= 1
-            # Counted like a session channel (the reserved slot stays until it closes), so
-            # Link balances and drains on it.
-            link._track(conn, chan)
-            return chan
-        if candidates and refused == len(candidates) and link._grow(generation):
-            continue
-        if not candidates:
-            with link._lock:
-                link._prune()
-                empty = not link._conns
-            if empty:
-                raise link.lost_error("before a forwarded connection could open")
-        if time.monotonic() >= deadline:
-            reason = f" ({last.text})" if last is not None and last.text else ""
-            raise ChannelOpenError(
-                f"sandbox {link.sandbox_id}: the server refused new channels for "
-                f"{timeout:g} s{reason}; too many simultaneous forwarded connections"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.25)
 
 
 # -- one forwarded connection --------------------------------------------------------------
@@ -204,8 +114,7 @@ class _Pipe:
                     return
         finally:
             self._up_done.set()
-            with self.chan.lock:
-                self.chan.out_buffer_cv.notify_all()
+            wake_channel_waiters(self.chan)
 
     def _down(self) -> None:
         """Channel -> local socket; channel EOF becomes a local half-close."""
@@ -228,9 +137,7 @@ class _Pipe:
         # The local side may keep sending after our EOF (half-close), so wait for it to
         # finish, unless the remote end closes the channel outright: then nobody can
         # read what it sends, and the local side is told by a full shutdown.
-        with self.chan.lock:
-            while not self.chan.closed and not self._up_done.is_set():
-                self.chan.out_buffer_cv.wait(0.5)
+        wait_channel(self.chan, self._up_done.is_set)
         if not self._up_done.is_set():
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RD)
@@ -454,8 +361,13 @@ class LocalForward:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 link = self._links()
-                chan = open_tcpip_channel(
-                    link, (self.remote_host, self.remote_port), (str(addr[0]), int(addr[1]))
+                # Moves to another transport (opening one if allowed) when a connection
+                # refuses for lack of room; a refusal that cannot be about room is final.
+                chan = link.open_channel(
+                    "direct-tcpip",
+                    (self.remote_host, self.remote_port),
+                    (str(addr[0]), int(addr[1])),
+                    timeout=CHANNEL_OPEN_TIMEOUT,
                 )
             except Exception as exc:  # noqa: BLE001 - one failed connection must not end the forward
                 log.warning(
@@ -615,12 +527,10 @@ class RemoteForward:
             if self._bound_port is not None:
                 return self._bound_port
             link = self._links()
-            with link._lock:
-                link._prune()
-                conns = list(link._conns)
-            if not conns:
+            transports = link.transports()
+            if not transports:
                 raise link.lost_error("before the remote forward could be requested")
-            transport = conns[0].transport
+            transport = transports[0]
             disp, lock = _dispatcher_for(transport)
             if self.remote_port:
                 with disp.lock:

@@ -6,7 +6,8 @@ the range this test has passed on."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import paramiko
 import pytest
@@ -73,3 +74,240 @@ def test_live_object_internals_exist(sshd: tuple[SSHDServer, paramiko.PKey]) -> 
         assert not missing, f"paramiko {paramiko.__version__} lacks {missing}"
     finally:
         transport.close()
+
+
+# -- what sshbridge._compat relies on ------------------------------------------------------
+# Every private or undocumented paramiko name the shim touches is listed here, then each
+# shim function is run against sshd, so a change in paramiko fails by name.
+
+COMPAT_CLASS_PRIVATES = [
+    (paramiko.Channel, "_send_eof"),
+    (paramiko.Channel, "__del__"),
+    (paramiko.Transport, "_send_user_message"),
+    (paramiko.Transport, "_channel_handler_table"),
+]
+COMPAT_CHANNEL_ATTRS = [
+    "lock", "out_buffer_cv", "eof_received", "eof_sent", "status_event", "exit_status",
+    "remote_chanid", "closed",
+]  # fmt: skip
+COMPAT_TRANSPORT_ATTRS = [
+    "sock", "initial_kex_done", "banner_timeout", "auth_timeout", "handshake_timeout",
+]  # fmt: skip
+COMPAT_COMMON = [
+    "MSG_CHANNEL_FAILURE", "cMSG_CHANNEL_REQUEST", "OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED",
+    "OPEN_FAILED_CONNECT_FAILED", "OPEN_FAILED_UNKNOWN_CHANNEL_TYPE",
+]  # fmt: skip
+
+
+def _connect(server: SSHDServer, key: paramiko.PKey) -> paramiko.Transport:
+    transport = paramiko.Transport((server.host, server.port))
+    transport.start_client(timeout=10)
+    transport.auth_publickey(server.username, key)
+    return transport
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_compat_class_level_internals() -> None:
+    import inspect
+
+    import paramiko.common
+    import paramiko.hostkeys
+    import paramiko.transport
+
+    from sshbridge import _compat
+
+    missing = [
+        f"{cls.__name__}.{name}" for cls, name in COMPAT_CLASS_PRIVATES if not hasattr(cls, name)
+    ]
+    missing += [f"paramiko.common.{n}" for n in COMPAT_COMMON if not hasattr(paramiko.common, n)]
+    for name in ("HostKeyEntry", "InvalidHostKey"):
+        if not hasattr(paramiko.hostkeys, name):
+            missing.append(f"paramiko.hostkeys.{name}")
+    assert not missing, f"paramiko {paramiko.__version__} lacks {missing}"
+    # The handler the shim wraps is the one paramiko dispatches failure replies to.
+    table = paramiko.Transport._channel_handler_table  # type: ignore[attr-defined]
+    assert _compat._CHANNEL_FAILURE is table[paramiko.common.MSG_CHANNEL_FAILURE]
+    assert issubclass(paramiko.hostkeys.InvalidHostKey, Exception)
+    # Re-classing a channel needs a plain class: no __slots__ anywhere in its MRO.
+    slotted = [c.__name__ for c in paramiko.Channel.__mro__ if "__slots__" in vars(c)]
+    assert not slotted, f"paramiko.Channel's bases now use __slots__: {slotted}"
+    # The refused-channel log line the transport logger filter demotes.
+    assert _compat.OPEN_FAILED_LOG_TEXT in inspect.getsource(paramiko.transport)
+
+
+def test_link_channel_names_do_not_shadow_paramiko() -> None:
+    from sshbridge._link import LinkChannel
+
+    own = [n for n in vars(LinkChannel) if not n.startswith("__") and n != "close"]
+    assert own, "LinkChannel lost its members?"
+    clash = [n for n in own if hasattr(paramiko.Channel, n) or hasattr(paramiko.Channel(0), n)]
+    assert not clash, f"paramiko {paramiko.__version__} now defines {clash} on Channel"
+
+
+def test_compat_transport_functions(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
+    import socket
+
+    from sshbridge import _compat
+
+    server, key = sshd
+    transport = _connect(server, key)
+    try:
+        missing = [f"Transport.{a}" for a in COMPAT_TRANSPORT_ATTRS if not hasattr(transport, a)]
+        assert not missing, f"paramiko {paramiko.__version__} lacks {missing}"
+        assert isinstance(_compat.transport_socket(transport), socket.socket)
+        assert _compat.handshake_done(transport)
+        _compat.set_handshake_timeouts(transport, 7.5)
+        assert transport.banner_timeout == transport.auth_timeout == 7.5
+        assert transport.handshake_timeout == 7.5
+    finally:
+        transport.close()
+
+
+def test_compat_channel_functions(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
+    import threading
+
+    from sshbridge import _compat
+
+    server, key = sshd
+    transport = _connect(server, key)
+    try:
+        chan = transport.open_session()
+        missing = [f"Channel.{a}" for a in COMPAT_CHANNEL_ATTRS if not hasattr(chan, a)]
+        assert not missing, f"paramiko {paramiko.__version__} lacks {missing}"
+        assert isinstance(_compat.status_event(chan), threading.Event)
+        assert _compat.exit_status(chan) == -1 and not _compat.eof_received(chan)
+        # send_eof: cat sees EOF and exits 0; a second EOF is never sent.
+        chan.exec_command("cat")
+        _compat.send_eof(chan)
+        assert chan.eof_sent
+        _compat.send_eof(chan)
+        assert _compat.status_event(chan).wait(10)
+        assert _compat.exit_status(chan) == 0
+        assert _wait(lambda: _compat.eof_received(chan))
+        # wait_channel returns when paramiko closes the channel (it notifies the send
+        # condition on close) ...
+        assert _wait(lambda: chan.closed)
+        _compat.wait_channel(chan, lambda: False, step=5.0)
+        chan.close()
+        _compat.send_eof(chan)  # nothing is sent on a closed channel
+
+        # ... and when woken with its condition true.
+        chan = transport.open_session()
+        chan.exec_command("sleep 30")
+        flag = threading.Event()
+        waiter = threading.Thread(target=_compat.wait_channel, args=(chan, flag.is_set, 5.0))
+        waiter.start()
+        time.sleep(0.1)
+        flag.set()
+        _compat.wake_channel_waiters(chan)
+        waiter.join(2.0)
+        assert not waiter.is_alive(), "wake_channel_waiters did not wake wait_channel"
+        # A "signal" request goes out without breaking the connection (sshd honours it
+        # only with privilege separation, which a test sshd has not).
+        _compat.send_channel_request(chan, "signal", "KILL")
+        chan.close()
+        _compat.send_channel_request(chan, "signal", "KILL")  # closed: nothing sent
+        assert transport.is_active()
+
+        # send_channel_request's framing, checked by an effect: a "window-change" that
+        # the command sees.
+        chan = transport.open_session()
+        chan.get_pty(width=80, height=24)
+        chan.exec_command(
+            "trap 'stty size; exit 0' WINCH; echo ready; while :; do sleep 0.05; done"
+        )
+        out = b""
+        while b"ready" not in out:
+            data = chan.recv(100)
+            assert data, "the command ended early"
+            out += data
+        _compat.send_channel_request(chan, "window-change", 123, 45, 0, 0)
+        assert _compat.status_event(chan).wait(10), "window-change had no effect"
+        rest = b""
+        while data := chan.recv(100):
+            rest += data
+        assert b"45 123" in rest, rest
+        assert _compat.exit_status(chan) == 0
+        chan.close()
+    finally:
+        transport.close()
+
+
+def test_compat_watch_channel_failures(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
+    from sshbridge import _compat
+
+    server, key = sshd
+    transport = _connect(server, key)
+    try:
+        failed: list[paramiko.Channel] = []
+        assert _compat.watch_channel_failures(transport, failed.append)
+        assert _compat.watch_channel_failures(transport, failed.append)  # once per transport
+        chan = transport.open_session()
+        with pytest.raises(paramiko.SSHException):
+            chan.invoke_subsystem("sshbridge-no-such-subsystem")
+        assert failed == [chan]
+        assert chan.closed and transport.is_active()
+        ok = transport.open_session()  # the other handlers still work
+        ok.exec_command("true")
+        assert ok.recv_exit_status() == 0
+        assert failed == [chan]
+    finally:
+        transport.close()
+
+
+def test_compat_adopt_channel(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
+    import gc
+
+    from sshbridge import _compat
+
+    closed: list[str] = []
+
+    class Recorded(paramiko.Channel):
+        tag = ""
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                closed.append(self.tag)
+
+    server, key = sshd
+    transport = _connect(server, key)
+    try:
+        chan = _compat.adopt_channel(transport.open_session(), Recorded)
+        assert isinstance(chan, Recorded) and isinstance(chan, paramiko.Channel)
+        chan.tag = "explicit"
+        chan.exec_command("echo hi")
+        assert chan.recv(10) == b"hi\n"
+        chan.close()
+        assert closed == ["explicit"]
+        # A channel dropped without close() is closed by paramiko's __del__, through
+        # the subclass: a Link slot is given back either way.
+        dropped = _compat.adopt_channel(transport.open_session(), Recorded)
+        dropped.tag = "dropped"
+        del dropped
+        gc.collect()
+        assert _wait(lambda: "dropped" in closed, 5.0), closed
+    finally:
+        transport.close()
+
+
+def test_compat_known_hosts_line() -> None:
+    from sshbridge import _compat
+
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
+    )
+    key = paramiko.Ed25519Key(file_obj=io.StringIO(pem.decode()))
+    entry = _compat.parse_known_hosts_line(f"sbx_1,[h]:2222 {key.get_name()} {key.get_base64()}")
+    assert entry is not None and entry.key == key and entry.hostnames == ["sbx_1", "[h]:2222"]
+    assert _compat.parse_known_hosts_line("sbx_1 ssh-ed25519 AAAAnot-base64!!") is None
+    assert _compat.parse_known_hosts_line("just-one-field") is None
