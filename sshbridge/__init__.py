@@ -11,7 +11,7 @@
 import logging as _logging
 
 from ._api import APIClient
-from ._async import AsyncFleet, AsyncJob, AsyncSandboxSSH
+from ._async import AsyncFleet, AsyncForward, AsyncJob, AsyncRemoteFile, AsyncSandboxSSH
 from ._config import Config, ConfigSources, describe_config, load_config
 from ._exceptions import (
     APIConnectionError,
@@ -49,6 +49,7 @@ from ._fleet import Fleet, FleetError, FleetResult, FleetResults
 from ._hostkeys import AcceptAnyHostKey, HostKeyPolicy, KnownHostsFile, PinFirstHostKey
 from ._jobs import Job, JobStatus
 from ._models import ErrorDetail, Sandbox, SandboxList, SidecarSSHSession, SSHSession
+from ._options import SSHOptions
 from ._result import CommandResult
 from ._sandbox import SandboxSSH
 from ._sftp import FileAttributesWarning, RemoteFile
@@ -68,7 +69,9 @@ __all__ = [
     "APITimeout",
     "AcceptAnyHostKey",
     "AsyncFleet",
+    "AsyncForward",
     "AsyncJob",
+    "AsyncRemoteFile",
     "AsyncSandboxSSH",
     "AuthenticationError",
     "ChannelOpenError",
@@ -107,6 +110,7 @@ __all__ = [
     "SSHBridgeError",
     "SSHConnectError",
     "SSHError",
+    "SSHOptions",
     "SSHSession",
     "Sandbox",
     "SandboxError",

@@ -31,7 +31,6 @@ from tenacity import (
     stop_after_attempt,
     wait_random_exponential,
 )
-from tenacity.stop import stop_base
 
 from ._config import Config, load_config
 from ._exceptions import (
@@ -62,6 +61,7 @@ from ._models import (
     is_sidecar_answer,
 )
 from ._ratelimit import SlidingWindowBudget, budget_for
+from ._retry import StopAtDeadline
 from ._version import __version__
 
 log = logging.getLogger("sshbridge.api")
@@ -251,14 +251,6 @@ class _RetryableFailure(Exception):
     def __init__(self, attempt: _Attempt) -> None:
         super().__init__(str(attempt.error))
         self.attempt = attempt
-
-
-class _StopAfterDeadline(stop_base):
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return time.monotonic() >= self.deadline
 
 
 class APIClient:
@@ -529,7 +521,7 @@ class APIClient:
             return float(backoff(state))
 
         retrying = Retrying(
-            stop=stop_after_attempt(self.max_retries + 1) | _StopAfterDeadline(deadline),
+            stop=stop_after_attempt(self.max_retries + 1) | StopAtDeadline(deadline),
             wait=wait,
             retry=retry_if_exception(lambda e: isinstance(e, _RetryableFailure)),
             reraise=True,

@@ -45,7 +45,9 @@ from ._fleet import (
 )
 from ._jobs import Job, JobStatus, check_interval
 from ._models import SSHSession
+from ._options import SSHOptions, check_int
 from ._result import CommandResult
+from ._retry import Backoff
 from ._runner import ChannelSource, build_command, check_timeout, stop_remote
 from ._sandbox import SandboxSSH
 from ._sftp import RemoteFile
@@ -166,16 +168,31 @@ class AsyncSandboxSSH:
 
     Every method of :class:`SandboxSSH` is here with the same parameters, as a
     coroutine (``interactive()``, which takes over the terminal, is the exception).
-    Options are those of :class:`SandboxSSH`. ``max_workers`` bounds the calls running at
+    Options are those of :class:`SandboxSSH` (keywords, or ``options=`` an
+    :class:`SSHOptions`). ``max_workers`` bounds the calls running at
     once (each holds a thread while it runs); more wait their turn. Output callbacks
     (``on_stdout``...) are called from that worker thread.
     """
 
-    def __init__(self, sandbox_id: str, *, max_workers: int = 16, **options: Any) -> None:
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise InvalidArgument("max_workers must be a positive int")
-        self._shell = SandboxSSH(sandbox_id, **options)
+    def __init__(
+        self,
+        sandbox_id: str,
+        *,
+        max_workers: int = 16,
+        options: SSHOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_int("max_workers", max_workers, 1, 1024)
+        self._shell = SandboxSSH.from_options(sandbox_id, SSHOptions.of(options, **kwargs))
         self._pool = cf.ThreadPoolExecutor(max_workers, thread_name_prefix="sshbridge-async")
+
+    @classmethod
+    def from_options(cls, sandbox_id: str, options: SSHOptions) -> AsyncSandboxSSH:
+        """An ``AsyncSandboxSSH`` from an :class:`SSHOptions` (16 worker threads)."""
+        shell = cls.__new__(cls)
+        shell._shell = SandboxSSH.from_options(sandbox_id, options)
+        shell._pool = cf.ThreadPoolExecutor(16, thread_name_prefix="sshbridge-async")
+        return shell
 
     def __repr__(self) -> str:
         return f"Async{self._shell!r}"
@@ -497,7 +514,7 @@ class AsyncJob:
         # Job.wait itself sleeps in its thread; polling here keeps cancellation prompt.
         loop = asyncio.get_running_loop()
         start = loop.time()
-        delay = min(poll_interval, 0.05)
+        backoff = Backoff(0.05, poll_interval)
         while True:
             code = await self.poll()
             if code is not None:
@@ -510,8 +527,7 @@ class AsyncJob:
                     result=partial,
                     timeout=timeout,
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, poll_interval)
+            await asyncio.sleep(backoff.next())
 
     async def stream(self, which: str = "stdout", poll_interval: float = 0.2) -> AsyncIterator[str]:
         """Yield the job's output as it grows, until it ends."""
@@ -594,7 +610,8 @@ class AsyncFleet:
         executor: cf.Executor | None = None,
         progress: ProgressArg = None,
         connections_per_member: int | None = None,
-        **options: Any,
+        options: SSHOptions | None = None,
+        **kwargs: Any,
     ) -> None:
         self._fleet = _BatchFleet(
             sandbox_ids,
@@ -603,7 +620,8 @@ class AsyncFleet:
             executor=executor,
             progress=progress,
             connections_per_member=connections_per_member,
-            **options,
+            options=options,
+            **kwargs,
         )
 
     def __repr__(self) -> str:

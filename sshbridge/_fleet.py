@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import importlib
 import io
 import logging
@@ -33,6 +34,7 @@ from ._api import validate_sandbox_id
 from ._cancel import CANCEL_VAR as CANCEL_VAR  # re-exported: the one token variable
 from ._cancel import CallControl, Interrupted
 from ._cancel import kill_script as kill_script  # re-exported: the one kill script
+from ._config import load_config
 from ._exceptions import (
     CommandError,
     InvalidArgument,
@@ -40,6 +42,7 @@ from ._exceptions import (
     SSHBridgeError,
 )
 from ._hostkeys import PinFirstHostKey
+from ._options import SSHOptions
 from ._result import CommandResult
 from ._runner import build_command, check_timeout, stop_remote
 from ._sandbox import SandboxSSH
@@ -171,11 +174,11 @@ def _kill_on(shell: SandboxSSH) -> Callable[[str], None]:
     return kill
 
 
-def _kill_elsewhere(sandbox_id: str, options: Mapping[str, Any]) -> Callable[[str], None]:
+def _kill_elsewhere(sandbox_id: str, options: SSHOptions) -> Callable[[str], None]:
     # Executor mode: the command runs on a worker, but the token reaches it from any
     # session of the same sandbox, so a short session from here stops it.
     def kill(token: str) -> None:
-        shell = SandboxSSH(sandbox_id, **options)
+        shell = SandboxSSH.from_options(sandbox_id, options)
         try:
             stop_remote(shell.channel_source(), token)
         finally:
@@ -384,11 +387,11 @@ class Outcome:
     duration: float
 
 
-def _task(sandbox_id: str, options: dict[str, Any], op: Op[Any], token: str) -> Outcome:
+def _task(sandbox_id: str, options: SSHOptions, op: Op[Any], token: str) -> Outcome:
     """What an executor runs: open a session, do one thing, close it. Never raises."""
     start = time.monotonic()
     try:
-        shell = SandboxSSH(sandbox_id, **options)
+        shell = SandboxSSH.from_options(sandbox_id, options)
         try:
             value = op.remote(shell, CallControl(token))  # connects on first use
         finally:
@@ -554,8 +557,9 @@ class Fleet:
     ``max_connections`` members are connected at once; a member connects on first use
     and, with ``keep_open=True`` (the default), stays open (and renewed) for the next
     batch, while the least recently used idle member is closed when another needs the
-    room. Every other keyword is passed to each member's :class:`SandboxSSH`
-    (``connections_per_member`` becomes its ``max_connections``).
+    room. Every other keyword is an option of each member's :class:`SandboxSSH`
+    (``connections_per_member`` becomes its ``max_connections``); ``options=`` takes
+    them as one :class:`SSHOptions` instead (keywords given as well override it).
 
     With ``executor=`` every member call is a self-contained task (sandbox id, options,
     operation) that opens and closes its own session on the executor's worker.
@@ -570,7 +574,8 @@ class Fleet:
         executor: cf.Executor | None = None,
         progress: ProgressArg = None,
         connections_per_member: int | None = None,
-        **options: Any,
+        options: SSHOptions | None = None,
+        **kwargs: Any,
     ) -> None:
         if isinstance(sandbox_ids, str):
             raise InvalidArgument("sandbox_ids must be an iterable of ids, not one string")
@@ -586,31 +591,32 @@ class Fleet:
             raise InvalidArgument("max_connections must be an int between 1 and 4096")
         if executor is not None and not isinstance(executor, cf.Executor):
             raise InvalidArgument("executor must be a concurrent.futures.Executor")
-        if "max_connections" in options:
+        if "max_connections" in kwargs:
             raise InvalidArgument("max_connections is the fleet's bound here")
         if connections_per_member is not None:
-            options["max_connections"] = connections_per_member
+            kwargs["max_connections"] = connections_per_member
+        opts = SSHOptions.of(options, **kwargs)  # validated once, for every member
         self.sandbox_ids: tuple[str, ...] = tuple(ids)
         self.max_connections = max_connections
         self.keep_open = keep_open
         self.executor = executor
         self.progress = check_progress(progress)
-        self._options = dict(options)
         if executor is not None:
             # Tasks carry the options to the workers: they must pickle.
             try:
-                pickle.dumps(self._options)
+                pickle.dumps(opts)
             except Exception as exc:
                 raise InvalidArgument(
                     f"with an executor, SandboxSSH options must be picklable: {exc}"
                 ) from exc
-        elif "known_hosts" not in options and "host_key_policy" not in options:
+        elif opts.known_hosts is None and opts.host_key_policy is None:
             # One pin store for the whole fleet: a member closed (LRU, failure) and
             # reopened must still present the host key it presented before.
-            self._options["host_key_policy"] = PinFirstHostKey()
-        if executor is None and ids:
-            # Bad options or configuration fail here, before any session exists.
-            SandboxSSH(ids[0], **self._options).close()
+            opts = dataclasses.replace(opts, host_key_policy=PinFirstHostKey())
+        self.options = opts
+        if executor is None:
+            # Missing credentials fail here, before any session exists.
+            load_config(api_key=opts.api_key, base_url=opts.base_url, team_id=opts.team_id)
         self._members = _Members(self._new_member, max_connections, keep_open)
         self._pool: cf.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -836,7 +842,7 @@ class Fleet:
     # -- execution ---------------------------------------------------------------------
 
     def _new_member(self, sandbox_id: str) -> SandboxSSH:
-        return SandboxSSH(sandbox_id, **self._options)
+        return SandboxSSH.from_options(sandbox_id, self.options)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -855,14 +861,14 @@ class Fleet:
         ctl = CallControl()
         if self.executor is None:
             return self._thread_pool().submit(self._call_local, sandbox_id, op, ctl), ctl
-        ctl.killer = _kill_elsewhere(sandbox_id, self._options)
+        ctl.killer = _kill_elsewhere(sandbox_id, self.options)
         try:
             task = op.portable()
         except OSError as exc:
             done: cf.Future[Outcome] = cf.Future()
             done.set_result(Outcome(None, exc, 0.0))
             return done, ctl
-        return self.executor.submit(_task, sandbox_id, self._options, task, ctl.token), ctl
+        return self.executor.submit(_task, sandbox_id, self.options, task, ctl.token), ctl
 
     def _call_local(self, sandbox_id: str, op: Op[Any], ctl: CallControl) -> Outcome:
         start = time.monotonic()

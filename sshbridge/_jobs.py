@@ -29,6 +29,7 @@ from ._exceptions import (
     SSHBridgeError,
 )
 from ._result import CommandResult
+from ._retry import Backoff
 from ._runner import build_command, check_timeout
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ class Job:
         timeout = check_timeout(timeout)
         poll_interval = check_interval(poll_interval)
         start = time.monotonic()
-        delay = min(poll_interval, 0.05)
+        backoff = Backoff(0.05, poll_interval)
         while True:
             code = self.poll()
             if code is not None:
@@ -256,8 +257,7 @@ class Job:
                     result=partial,
                     timeout=timeout,
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, poll_interval)
+            time.sleep(backoff.next())
 
     def result(self, exit_code: int, duration: float = 0.0) -> CommandResult:
         return CommandResult(

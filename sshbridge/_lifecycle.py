@@ -50,6 +50,7 @@ from ._exceptions import (
 )
 from ._link import Link
 from ._models import SSHSession
+from ._retry import Backoff
 
 log = logging.getLogger("sshbridge.lifecycle")
 
@@ -436,7 +437,7 @@ class SessionManager:
     def _renew(self, old: Link, pending: _Pending) -> None:
         error: BaseException | None = None
         new: Link | None = None
-        delay = 0.25
+        backoff = Backoff(0.25, 2.0)
         try:
             while not self._stop.is_set():
                 remaining = old.expires_monotonic - self._clock()
@@ -465,8 +466,7 @@ class SessionManager:
                     if isinstance(exc, (RateLimited, ServerError)) and exc.retry_after:
                         pause = exc.retry_after
                     else:
-                        pause = delay
-                        delay = min(delay * 2, 2.0)
+                        pause = backoff.next()
                     left = old.expires_monotonic - self._clock()
                     if pause >= left:
                         break  # no time for another try before expiry

@@ -37,6 +37,7 @@ from ._exceptions import (
 )
 from ._hostkeys import HostKeyPolicy
 from ._models import SSHSession
+from ._retry import Backoff
 from ._transport import SFTP_MAX_PACKET_SIZE, EphemeralKey, connect
 
 log = logging.getLogger("sshbridge.link")
@@ -302,7 +303,7 @@ class Link:
                 self._want_spare()
                 return spare
         deadline = time.monotonic() + timeout
-        delay = 0.01
+        backoff = Backoff(0.01, 0.25)
         last: paramiko.ChannelException | None = None
         while True:
             with self._lock:
@@ -357,8 +358,7 @@ class Link:
                     f"sandbox {self.sandbox_id}: the server refused new channels for "
                     f"{timeout:g} s{reason}; too many simultaneous forwarded connections"
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            time.sleep(backoff.next())
 
     def transports(self) -> list[paramiko.Transport]:
         """The live transports of this link, oldest first (e.g. to request a remote

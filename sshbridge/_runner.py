@@ -33,6 +33,7 @@ from ._exceptions import (
 )
 from ._link import LinkChannel
 from ._result import CommandResult
+from ._retry import Backoff
 
 log = logging.getLogger("sshbridge.run")
 
@@ -247,7 +248,7 @@ def start_command(
     limit = first + REQUEST_RETRY_TIMEOUT
     if deadline is not None:
         limit = min(limit, deadline)
-    delay = 0.01
+    backoff = Backoff(0.01, 0.25)
     resends = 0
     while True:
         chan = source.open_channel()
@@ -293,8 +294,7 @@ def start_command(
                 request=what,
             )
         log.debug("%s refused on a busy connection; retrying elsewhere", what)
-        time.sleep(min(delay, max(0.0, limit - time.monotonic())))
-        delay = min(delay * 2, 0.25)
+        time.sleep(min(backoff.next(), max(0.0, limit - time.monotonic())))
 
 
 # -- running ---------------------------------------------------------------------------

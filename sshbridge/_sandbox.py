@@ -19,10 +19,7 @@ from . import _jobs, _runner, _sftp, _transfer, _tunnels
 from ._api import (
     DEFAULT_TTL,
     APIClient,
-    validate_api_timeout,
     validate_sandbox_id,
-    validate_seconds,
-    validate_ttl,
 )
 from ._broker import SessionBroker
 from ._config import Config
@@ -38,6 +35,7 @@ from ._jobs import Job
 from ._lifecycle import SessionManager
 from ._link import Link
 from ._models import Sandbox, SSHSession
+from ._options import SSHOptions
 from ._result import CommandResult
 from ._transfer import Verify
 
@@ -90,33 +88,54 @@ class SandboxSSH:
         on_renew: Callable[[SSHSession, SSHSession], None] | None = None,
         http: requests.Session | None = None,
     ) -> None:
+        self._setup(
+            sandbox_id,
+            SSHOptions(
+                ttl_seconds=ttl_seconds,
+                api_key=api_key,
+                base_url=base_url,
+                team_id=team_id,
+                known_hosts=known_hosts,
+                host_key_policy=host_key_policy,
+                connect_timeout=connect_timeout,
+                keepalive=keepalive,
+                max_connections=max_connections,
+                api_timeout=api_timeout,
+                rate_limit_wait=rate_limit_wait,
+                renew_before=renew_before,
+                auto_renew=auto_renew,
+                on_renew=on_renew,
+                http=http,
+            ),
+        )
+
+    @classmethod
+    def from_options(cls, sandbox_id: str, options: SSHOptions) -> SandboxSSH:
+        """A ``SandboxSSH`` from an :class:`SSHOptions` (validated once, reusable)."""
+        if not isinstance(options, SSHOptions):
+            raise InvalidArgument("options must be an SSHOptions")
+        shell = cls.__new__(cls)
+        shell._setup(sandbox_id, options)
+        return shell
+
+    def _setup(self, sandbox_id: str, options: SSHOptions) -> None:
         self.sandbox_id = validate_sandbox_id(sandbox_id)
-        self.ttl_seconds = validate_ttl(ttl_seconds)
-        self.connect_timeout = validate_seconds("connect_timeout", connect_timeout)
-        keepalive = validate_seconds("keepalive", keepalive, allow_zero=True)
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or not (
-            1 <= max_connections <= 256
-        ):
-            raise InvalidArgument("max_connections must be an int between 1 and 256")
-        if known_hosts is not None and host_key_policy is not None:
-            raise InvalidArgument("pass known_hosts or host_key_policy, not both")
-        if host_key_policy is not None and not isinstance(host_key_policy, HostKeyPolicy):
-            raise InvalidArgument("host_key_policy must be a sshbridge HostKeyPolicy")
+        self.options = options
+        self.ttl_seconds = options.ttl_seconds
+        self.connect_timeout = options.connect_timeout
         policy: HostKeyPolicy
-        if known_hosts is not None:
-            policy = KnownHostsFile(os.fspath(known_hosts))
+        if options.known_hosts is not None:
+            policy = KnownHostsFile(os.fspath(options.known_hosts))
         else:
-            policy = host_key_policy or PinFirstHostKey()
+            policy = options.host_key_policy or PinFirstHostKey()
         self.host_key_policy = policy
-        rate_limit_wait = validate_seconds("rate_limit_wait", rate_limit_wait, allow_zero=True)
-        api_timeout = validate_api_timeout(api_timeout)
         self._api = APIClient(
-            api_key=api_key,
-            base_url=base_url,
-            team_id=team_id,
-            timeout=api_timeout,
-            rate_limit_wait=rate_limit_wait,
-            http=http,
+            api_key=options.api_key,
+            base_url=options.base_url,
+            team_id=options.team_id,
+            timeout=options.api_timeout,
+            rate_limit_wait=options.rate_limit_wait,
+            http=options.http,
         )
         self._broker = SessionBroker(
             self._api,
@@ -124,15 +143,15 @@ class SandboxSSH:
             ttl_seconds=self.ttl_seconds,
             policy=policy,
             connect_timeout=self.connect_timeout,
-            keepalive=keepalive,
-            max_connections=max_connections,
+            keepalive=options.keepalive,
+            max_connections=options.max_connections,
         )
         self._manager = SessionManager(
             self._broker,
             connect_timeout=self.connect_timeout,
-            renew_before=renew_before,
-            auto_renew=auto_renew,
-            on_renew=on_renew,
+            renew_before=options.renew_before,
+            auto_renew=options.auto_renew,
+            on_renew=options.on_renew,
         )
         # weakref.finalize also runs at interpreter exit (atexit) for objects still alive.
         self._finalizer = weakref.finalize(self, _release, self._manager, self._api)

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import paramiko
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
-from tenacity.stop import stop_base
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from ._compat import handshake_done, quiet_channel_open_failures, set_handshake_timeouts
 from ._exceptions import ConnectionLost, HostKeyMismatch, SSHConnectError
 from ._hostkeys import HostKeyPolicy
+from ._retry import StopAtDeadline
 
 log = logging.getLogger("sshbridge.transport")
 
@@ -57,14 +57,6 @@ def generate_key() -> EphemeralKey:
 
 class _Retry(Exception):
     """A connect attempt that may succeed later (exposure not ready, key not yet active)."""
-
-
-class _Deadline(stop_base):
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return time.monotonic() >= self.deadline
 
 
 def _open_once(
@@ -181,7 +173,7 @@ def connect(
             raise
 
     retrying = Retrying(
-        stop=_Deadline(deadline),
+        stop=StopAtDeadline(deadline),
         wait=wait_exponential(multiplier=0.05, min=0.05, max=1.0),
         retry=retry_if_exception_type(_Retry),
         reraise=True,
