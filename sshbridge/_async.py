@@ -29,12 +29,10 @@ from ._api import APIClient
 from ._cancel import CallControl
 from ._config import Config
 from ._exceptions import CommandTimeout, InvalidArgument
-from ._fleet import (
-    DEFAULT_MAX_CONNECTIONS,
+from ._fleet import DEFAULT_MAX_CONNECTIONS, Fleet, FleetResult, FleetResults
+from ._jobs import Job, JobStatus, check_interval
+from ._members import (
     Commands,
-    Fleet,
-    FleetResult,
-    FleetResults,
     MapOp,
     Op,
     Outcome,
@@ -43,7 +41,6 @@ from ._fleet import (
     ProgressReporter,
     check_progress,
 )
-from ._jobs import Job, JobStatus, check_interval
 from ._models import SSHSession
 from ._options import SSHOptions, check_int
 from ._result import CommandResult
