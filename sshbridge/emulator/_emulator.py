@@ -16,7 +16,8 @@ from typing import Any
 
 import asyncssh
 
-from ._sidecar import Sidecar, kill_tagged
+from ._processes import kill_tagged
+from ._sidecar import Sidecar
 from ._state import (
     CONTRACTS,
     ENDPOINTS,
