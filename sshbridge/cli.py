@@ -13,11 +13,9 @@ import importlib
 import logging
 import math
 import os
-import posixpath
 import re
 import shlex
 import signal
-import stat as stat_mod
 import sys
 import threading
 import time
@@ -53,14 +51,21 @@ from ._exceptions import (
     ConfigurationError,
     InvalidArgument,
     NotFound,
-    RemotePathError,
     SandboxError,
     SandboxNotRunning,
     SandboxNotSupported,
     SSHBridgeError,
     SSHError,
 )
-from ._holder import HolderStartError, close_holder, ensure_holder, list_holders
+from ._holder import (
+    HolderStartError,
+    Report,
+    close_holder,
+    download,
+    ensure_holder,
+    list_holders,
+    upload,
+)
 from ._runner import build_command, check_timeout
 from ._sandbox import SandboxSSH
 from ._stream import StreamOutcome, stream_command
@@ -362,6 +367,21 @@ def ssh_cmd(
     # `rsync -e 'sshbridge ssh'` and GIT_SSH_COMMAND='sshbridge ssh' work.
     argv = " ".join(words) if words else None
     validate_sandbox_id(sandbox)
+    if argv is not None and not argv.strip():
+        raise InvalidArgument("command is empty")
+    g = _globals(ctx)
+    use_pty = sys.stdin.isatty() if tty is None else tty
+    if g.persist is not None and not use_pty:
+        # No terminal (rsync -e, GIT_SSH_COMMAND, a pipe): through the session holder.
+        job = {"env": {}, "pty": False, "stdin": True, "ssh": True, "persist": g.persist}
+        job.update({"command": [argv]} if argv else {"login": True})
+        fds = (sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
+        held = _in_holder(g, sandbox, job, fds, ssh=True)
+        if held is not None:
+            status, error = held
+            if error:
+                raise CLIError(error, status)
+            return status
     try:
         with _connect(ctx, sandbox) as shell:
             status = shell.interactive(argv, pty=tty)
@@ -529,7 +549,6 @@ class _ExecRun:
         """(exit status, message for the user or None)."""
         g = _globals(self.ctx)
         if g.persist is not None:
-            config = load_config(api_key=g.api_key, base_url=g.base_url)
             job = {
                 "command": self.words,
                 "env": self.variables,
@@ -540,7 +559,7 @@ class _ExecRun:
                 "persist": g.persist,
             }
             fds = (sys.stdin.fileno(), stdout_fd, stderr_fd)
-            held = _exec_in_holder(config, self.sandbox, job, g, fds, self)
+            held = _in_holder(g, self.sandbox, job, fds, timing=self)
             if held is not None:
                 return held
         try:
@@ -568,22 +587,25 @@ class _ExecRun:
             )
 
 
-def _exec_in_holder(
-    config: Any,
+def _in_holder(
+    g: Globals,
     sandbox: str,
     job: dict[str, Any],
-    g: Globals,
-    fds: tuple[int, int, int],
-    run: _ExecRun,
+    fds: Sequence[int] = (),
+    *,
+    ssh: bool = False,
+    timing: _ExecRun | None = None,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[int, str | None] | None:
-    """Run ``job`` in this sandbox's session holder (started if need be): (status,
-    message). None if holders cannot be used here."""
+    """Run ``job`` (exec, or ``op`` cp) in this sandbox's session holder, started if need
+    be: (status, message). None if holders cannot be used here."""
     assert g.persist is not None
+    config = load_config(api_key=g.api_key, base_url=g.base_url)
     for _attempt in range(3):
         try:
             path = ensure_holder(config, sandbox, ttl=g.ttl, persist=g.persist, verbose=g.verbose)
         except HolderStartError as exc:
-            raise CLIError(str(exc), exc.code) from None
+            raise CLIError(str(exc), exc.ssh_code if ssh else exc.code) from None
         if path is None:
             return None
         old: Any = None
@@ -591,20 +613,22 @@ def _exec_in_holder(
             old = signal.signal(signal.SIGTERM, _protocol.on_sigterm)
         try:
             sys.stdout.flush()
-            run.started = time.monotonic()
-            status, error = _protocol.attach_exec(path, job, fds)
+            if timing is not None:
+                timing.started = time.monotonic()
+            status, error = _protocol.attach_exec(path, job, fds, on_message)
         except _protocol.HolderUnavailable:
-            run.started = None
+            if timing is not None:
+                timing.started = None
             continue  # it was exiting (idle) as we came: start another
         except _protocol.Interrupted as exc:
             raise CLIError(str(exc), exc.code) from None
         except _protocol.ProtocolError as exc:
-            return 255, str(exc)
+            return 255 if job.get("op", "exec") == "exec" else 1, str(exc)
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
-            if run.started is not None:
-                run.ended = time.monotonic()
+            if timing is not None and timing.started is not None:
+                timing.ended = time.monotonic()
         return status, error
     raise CLIError("could not reach a session holder (try --no-persist)", 255)
 
@@ -800,12 +824,12 @@ def _split_remote(spec: str) -> tuple[str, str] | None:
 
 
 class _Progress:
-    """One rich progress bar over all bytes of a copy; a no-op when disabled."""
+    """One rich progress bar over all bytes of a copy (updated directly, or from a
+    session holder's progress messages); a no-op when disabled."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self._bar: Any = None
         self._task: Any = None
-        self._base = 0
         if not enabled:
             return
         from rich.console import Console
@@ -838,96 +862,21 @@ class _Progress:
         if self._bar is not None:
             self._bar.stop()
 
-    def file(self, name: str) -> Callable[[int, int], None] | None:
-        if self._bar is None:
-            return None
-        base = self._base
-        short = name if len(name) <= 40 else "..." + name[-37:]
-        self._bar.update(self._task, description=short, completed=base)
-
-        def callback(done: int, total: int) -> None:
-            self._bar.update(self._task, completed=base + done)
-
-        return callback
-
-    def tree(self, name: str) -> Callable[[int, int], None] | None:
-        """A callback for a whole tree whose size is learned as it goes."""
-        if self._bar is None:
-            return None
-        short = name if len(name) <= 40 else "..." + name[-37:]
-        self._bar.update(self._task, description=short)
-
-        def callback(done: int, total: int) -> None:
-            self._bar.update(self._task, completed=done, total=total)
-
-        return callback
-
-    def done(self, size: int) -> None:
-        self._base += size
+    def update(self, name: str, done: int, total: int) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=self._base)
+            short = name if len(name) <= 40 else "..." + name[-37:]
+            self._bar.update(self._task, description=short, completed=done, total=total)
 
+    def report(self) -> Report | None:
+        return self.update if self._bar is not None else None
 
-def _tree_bytes(root: Path) -> int:
-    """Bytes of the regular files under ``root``, links not followed (as put_dir)."""
-    total = 0
-    for here, _dirs, names in os.walk(root):
-        for n in names:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(here, n))
-                if stat_mod.S_ISREG(st.st_mode):
-                    total += st.st_size
-    return total
-
-
-def _remote_is_dir(shell: SandboxSSH, path: str) -> bool:
-    try:
-        return stat_mod.S_ISDIR(shell.stat(path).st_mode or 0)
-    except RemotePathError as exc:
-        if exc.is_not_found:
-            return False
-        raise
-
-
-def _upload(shell: SandboxSSH, src: Path, dst: str, recursive: bool, progress: bool) -> None:
-    if src.is_dir():
-        if not recursive:
-            raise InvalidArgument(f"{str(src)!r} is a directory; use -r to copy a tree")
-        name = Path(os.path.abspath(src)).name
-        target = posixpath.join(dst, name) if _remote_is_dir(shell, dst) and name else dst
-        # The library's tree copy: modes, mtimes, empty directories, symlinks kept as
-        # links (never followed), each file atomic.
-        with _Progress(progress, _tree_bytes(src)) as bar:
-            shell.put_dir(src, target, callback=bar.file(str(src)))
-        return
-    if not src.exists():
-        raise CLIError(f"{str(src)!r}: no such file or directory")
-    if not src.is_file():
-        raise CLIError(f"{str(src)!r} is not a regular file")
-    with _Progress(progress, src.stat().st_size) as bar:
-        shell.put(src, dst, callback=bar.file(src.name))
-        bar.done(src.stat().st_size)
-
-
-def _download(shell: SandboxSSH, src: str, dst: Path, recursive: bool, progress: bool) -> None:
-    attrs = shell.stat(src)
-    if stat_mod.S_ISDIR(attrs.st_mode or 0):
-        if not recursive:
-            raise InvalidArgument(f"remote {src!r} is a directory; use -r to copy a tree")
-        name = posixpath.basename(src.rstrip("/"))
-        target = dst / name if dst.is_dir() and name not in ("", ".", "..") else dst
-        if not target.parent.is_dir():
-            raise CLIError(f"local directory {str(target.parent)!r} does not exist")
-        # get_dir never writes through a local symlink and keeps modes and mtimes.
-        with _Progress(progress, 0) as bar:
-            shell.get_dir(src, target, callback=bar.tree(src))
-        return
-    if not stat_mod.S_ISREG(attrs.st_mode or stat_mod.S_IFREG):
-        raise CLIError(f"remote {src!r} is not a regular file")
-    size = attrs.st_size or 0
-    with _Progress(progress, size) as bar:
-        shell.get(src, dst, callback=bar.file(src))
-        bar.done(size)
+    def message(self, message: dict[str, Any]) -> None:
+        """A progress line from a session holder: [name, done, total]."""
+        item = message.get("progress")
+        if isinstance(item, list) and len(item) == 3:
+            name, done, total = item
+            if isinstance(name, str) and isinstance(done, int) and isinstance(total, int):
+                self.update(name, done, total)
 
 
 @app.command(
@@ -967,17 +916,48 @@ def cp_cmd(
     show = sys.stderr.isatty() if progress is None else progress
     if rdst is not None:
         sandbox, rpath = rdst
-        local = Path(src)
-        if not local.exists():
+        local_arg, shown = src, src
+        if not Path(src).exists():
             raise CLIError(f"{src!r}: no such file or directory")
-        with _connect(ctx, sandbox) as shell:
-            _upload(shell, local, rpath, recursive, show)
     else:
         assert rsrc is not None
         sandbox, rpath = rsrc
+        local_arg, shown = dst, dst
+    validate_sandbox_id(sandbox)
+    # Absolute here: the holder runs elsewhere (as this user; it checks that).
+    local = Path(os.path.join(os.getcwd(), local_arg))
+    g = _globals(ctx)
+    with _Progress(show, 0) as bar:
+        if g.persist is not None:
+            job = {
+                "op": "cp",
+                "direction": "put" if rdst is not None else "get",
+                "local": os.fspath(local),
+                "shown": shown,
+                "remote": rpath,
+                "recursive": recursive,
+                "progress": show,
+                "umask": _current_umask(),
+                "persist": g.persist,
+            }
+            held = _in_holder(g, sandbox, job, on_message=bar.message)
+            if held is not None:
+                status, error = held
+                if error or status:
+                    raise CLIError(error or f"the copy failed (status {status})", status or 1)
+                return 0
         with _connect(ctx, sandbox) as shell:
-            _download(shell, rpath, Path(dst), recursive, show)
+            if rdst is not None:
+                upload(shell, local, shown, rpath, recursive, bar.report())
+            else:
+                download(shell, rpath, local, shown, recursive, bar.report())
     return 0
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 # -- forward -------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""The ``sshbridge`` console script's entry point: a fast path for ``exec``.
+"""The ``sshbridge`` console script's entry point: a fast path for ``exec`` and ``ssh``.
 
-``sshbridge exec SANDBOX -- CMD`` against a live session holder is handled here without
+``sshbridge exec SANDBOX -- CMD``, and ``sshbridge ssh SANDBOX CMD`` without a terminal
+(``rsync -e``, ``GIT_SSH_COMMAND``), against a live session holder are handled here without
 importing typer, rich, paramiko, pydantic or requests (the ``sshbridge`` package's
 ``__init__`` imports all of them, which is why this lives in a package of its own).
-Everything else, and an ``exec`` with no live holder, goes to ``sshbridge.cli:main``.
+Everything else, and a call with no live holder, goes to ``sshbridge.cli:main``.
 """
 
 from __future__ import annotations
@@ -55,13 +56,35 @@ def _split_option(arg: str) -> tuple[str, str | None]:
     return arg, None
 
 
+def _parse_globals(args: Sequence[str], command: str) -> tuple[dict[str, Any], int]:
+    """Global options before ``command``: (options, index of the first word after it)."""
+    opts: dict[str, Any] = {"env": [], "persist": None, "no_persist": False}
+    i = 0
+    while i < len(args) and args[i] != command:
+        name, inline = _split_option(args[i])
+        if name in _VALUED_GLOBALS or name == "--persist":
+            if inline is None:
+                if i + 1 >= len(args):
+                    raise _Defer
+                i += 1
+                inline = args[i]
+            opts[_VALUED_GLOBALS.get(name, "persist")] = inline
+        elif name == "--no-persist" and inline is None:
+            opts["no_persist"] = True
+        else:
+            raise _Defer  # -v, --help, --version, other commands
+        i += 1
+    if i >= len(args):
+        raise _Defer
+    return opts, i + 1
+
+
 def parse_exec(argv: Sequence[str]) -> dict[str, Any]:
     """The fast path's reading of ``[GLOBALS] exec [OPTIONS] SANDBOX [--] CMD...``.
 
     Raises _Defer for anything it does not fully understand."""
-    opts: dict[str, Any] = {"env": [], "persist": None, "no_persist": False}
     args = list(argv)
-    i = 0
+    opts, i = _parse_globals(args, "exec")
 
     def value() -> str:
         nonlocal i
@@ -70,20 +93,6 @@ def parse_exec(argv: Sequence[str]) -> dict[str, Any]:
         i += 1
         return args[i]
 
-    while i < len(args) and args[i] != "exec":
-        name, inline = _split_option(args[i])
-        if name in _VALUED_GLOBALS:
-            opts[_VALUED_GLOBALS[name]] = inline if inline is not None else value()
-        elif name == "--persist":
-            opts["persist"] = inline if inline is not None else value()
-        elif name == "--no-persist" and inline is None:
-            opts["no_persist"] = True
-        else:
-            raise _Defer  # -v, --help, --version, other commands
-        i += 1
-    if i >= len(args):
-        raise _Defer
-    i += 1
     while i < len(args) and args[i].startswith("-") and args[i] != "--":
         name, inline = _split_option(args[i])
         if name in _VALUED_EXEC:
@@ -108,6 +117,49 @@ def parse_exec(argv: Sequence[str]) -> dict[str, Any]:
         raise _Defer
     opts["command"] = words
     return opts
+
+
+def parse_ssh(argv: Sequence[str]) -> dict[str, Any]:
+    """The fast path's reading of ``[GLOBALS] ssh [-T|-t] SANDBOX [COMMAND...]``, for a
+    call without a remote terminal (how rsync and git call it). Raises _Defer otherwise."""
+    args = list(argv)
+    opts, i = _parse_globals(args, "ssh")
+    tty: bool | None = None
+    while i < len(args) and args[i].startswith("-"):
+        if args[i] in ("-T", "--no-tty"):
+            tty = False
+        elif args[i] in ("-t", "--tty"):
+            tty = True
+        else:
+            raise _Defer  # --help, -G (git probing for OpenSSH), ...: the full CLI answers
+        i += 1
+    if i >= len(args):
+        raise _Defer
+    opts["sandbox"] = args[i]
+    words = args[i + 1 :]
+    if words and words[0] == "--":
+        words = words[1:]
+    elif words and words[0].startswith("-"):
+        raise _Defer  # an option after SANDBOX: the full CLI says why that is an error
+    if os.isatty(0) if tty is None else tty:
+        raise _Defer  # a remote terminal: the full CLI's interactive session
+    # Like ssh: the words joined with spaces, for the remote shell to split.
+    line = " ".join(words)
+    if words and not line.strip():
+        raise _Defer
+    opts["line"] = line
+    return opts
+
+
+def ssh_job(line: str) -> dict[str, Any]:
+    """The holder request for ``ssh`` without a terminal: a command line, or (empty) a
+    login shell reading stdin."""
+    job: dict[str, Any] = {"env": {}, "pty": False, "stdin": True, "ssh": True}
+    if line:
+        job["command"] = [line]
+    else:
+        job["login"] = True
+    return job
 
 
 def _job(opts: dict[str, Any]) -> dict[str, Any]:
@@ -173,12 +225,33 @@ def _forget_bare_package() -> None:
         del sys.modules[name]
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand the fast path may handle, from the first non-global word."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name, inline = _split_option(arg)
+        if (name in _VALUED_GLOBALS or name == "--persist") and inline is None:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in ("exec", "ssh") else None
+    return None
+
+
 def _try_fast(argv: Sequence[str]) -> int:
     if os.environ.get(_COMPLETE_ENV):
         raise _Defer
     try:
-        opts = parse_exec(argv)
-        job = _job(opts)
+        if _command_of(argv) == "ssh":
+            opts = parse_ssh(argv)
+            if not _SANDBOX_ID.fullmatch(opts["sandbox"]):
+                raise _Defer
+            job = ssh_job(opts["line"])
+        else:
+            opts = parse_exec(argv)
+            job = _job(opts)
         persist = persist_seconds(opts["persist"], opts["no_persist"])
         if opts.get("ttl") is not None and not 1 <= int(opts["ttl"]) <= 3600:
             raise _Defer

@@ -7,12 +7,21 @@ id), never the key itself, so a holder is only ever used with the credentials it
 started with.
 
 The wire: each side sends JSON objects, one per line. A client's first line is the
-request; for ``exec`` it travels with the caller's stdin, stdout and stderr file
-descriptors (SCM_RIGHTS), so the holder reads and writes them directly. The holder
-answers ``{"accepted": true}`` once it has taken the job (EOF before that means it was
-shutting down and nothing ran), then ``{"status": N, "error": "..."|null}`` at the end.
-A client that goes away (EOF on the socket) cancels its command. Both ends check the
-other's uid with SO_PEERCRED.
+request (``op``):
+
+* ``exec``: a command (``command`` words, ``env``, ``cwd``, ``timeout``, ``pty``,
+  ``stdin``; ``login`` for a login shell instead, ``ssh`` for ssh's exit statuses). It
+  travels with the caller's stdin, stdout and stderr file descriptors (SCM_RIGHTS), so
+  the holder reads and writes them directly.
+* ``cp``: a copy (``direction`` ``put``/``get``, absolute ``local`` path, ``remote``
+  path, ``recursive``, ``progress``) run by the holder on its session; with
+  ``progress`` it sends ``{"progress": [name, done, total]}`` lines as it goes.
+* ``info``, ``ping``, ``close``: one answer each.
+
+For ``exec`` and ``cp`` the holder answers ``{"accepted": true}`` once it has taken the
+job (EOF before that means it was shutting down and nothing ran), then
+``{"status": N, "error": "..."|null}`` at the end. A client that goes away (EOF on the
+socket) cancels its job. Both ends check the other's uid with SO_PEERCRED.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +54,13 @@ class ProtocolError(Exception):
     """The holder broke off after taking the job, or answered nonsense."""
 
 
+class UnsafeRuntimeDir(PermissionError):
+    """The runtime directory (or a file in it) is not private to this user: not used."""
+
+
 def runtime_dir(create: bool = True) -> Path:
-    """The per-user directory for holder sockets, created 0700 and checked."""
+    """The per-user directory for holder sockets, created 0700; refused (UnsafeRuntimeDir)
+    unless it is a real directory owned by this user with mode 0700."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     path = Path(base) / "sshbridge" if base else Path.home() / ".sshbridge" / "run"
     if create:
@@ -57,10 +71,54 @@ def runtime_dir(create: bool = True) -> Path:
             os.umask(old)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise PermissionError(f"{path} is not a directory owned by this user")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+        raise UnsafeRuntimeDir(
+            f"the session holder directory {path} is not a directory owned by this user; "
+            "remove it, or use --no-persist"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        # Never repaired silently: someone else may already have planted files in it.
+        raise UnsafeRuntimeDir(
+            f"the session holder directory {path} has mode {stat.S_IMODE(st.st_mode):04o}, "
+            f"not 0700; run `chmod 700 {path}` (after checking its contents), or use "
+            "--no-persist"
+        )
     return path
+
+
+def open_private(path: Path, *, create: bool = False, exclusive: bool = False) -> int:
+    """An O_RDWR descriptor on a regular file of ours in the runtime directory.
+
+    Never through a symbolic link (O_NOFOLLOW); ``exclusive`` creates it anew (O_EXCL,
+    after removing whatever was there). Raises UnsafeRuntimeDir for a planted link or a
+    file that is not ours."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    if exclusive:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a link planted there goes, its target untouched
+        flags |= os.O_CREAT | os.O_EXCL
+    elif create:
+        flags |= os.O_CREAT
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeRuntimeDir(f"{path} is a symbolic link; refusing to use it") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise UnsafeRuntimeDir(f"{path} is not a regular file of this user; refusing to use it")
+    return fd
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` (not followed) still names the file open on ``fd``."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def holder_name(base_url: str, team_id: str | None, api_key: str, sandbox_id: str) -> str:
@@ -142,6 +200,11 @@ def connect(path: Path, timeout: float | None = 5.0) -> socket.socket:
     """A connection to the holder at ``path``, checked to run as this user.
 
     Raises HolderUnavailable when there is none (no socket, or a stale one)."""
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise UnsafeRuntimeDir(f"{path} is a symbolic link; refusing to use it")
+    except FileNotFoundError:
+        raise HolderUnavailable(f"{path}: no such socket") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -192,13 +255,17 @@ class Interrupted(Exception):
 
 
 def attach_exec(
-    path: Path, job: dict[str, Any], fds: Sequence[int] = (0, 1, 2)
+    path: Path,
+    job: dict[str, Any],
+    fds: Sequence[int] = (0, 1, 2),
+    on_message: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[int, str | None]:
     """Run ``job`` in the holder at ``path`` on our file descriptors: (status, error).
 
-    Raises HolderUnavailable if no holder took the job (nothing ran), ProtocolError if
-    the holder broke off, Interrupted on Ctrl-C / SIGTERM (after the holder stopped the
-    command, for a bounded time)."""
+    ``job["op"]`` defaults to ``exec``; messages the holder sends before its final answer
+    (``cp`` progress) go to ``on_message``. Raises HolderUnavailable if no holder took
+    the job (nothing ran), ProtocolError if the holder broke off, Interrupted on Ctrl-C /
+    SIGTERM (after the holder stopped the command, for a bounded time)."""
     try:
         sock = connect(path)
     except _Terminate:
@@ -208,7 +275,7 @@ def attach_exec(
         try:
             # Until the holder says "accepted", nothing ran: a holder that went away
             # (idle exit) as we came is someone to start again, not an error.
-            send_message(sock, dict(job, op="exec"), fds)
+            send_message(sock, {"op": "exec", **job}, fds)
             first = reader.read()
         except OSError as exc:
             raise HolderUnavailable(str(exc)) from None
@@ -219,14 +286,19 @@ def attach_exec(
                 return int(first["status"]), first.get("error")
             raise HolderUnavailable("the holder is shutting down")
         try:
-            answer = reader.read()
+            while True:
+                answer = reader.read()
+                if answer is None or "status" in answer:
+                    break
+                if on_message is not None:
+                    on_message(answer)
         except KeyboardInterrupt:
             _cancel(sock, reader)
             raise Interrupted(130, "interrupted") from None
         except _Terminate:
             _cancel(sock, reader)
             raise Interrupted(143, "terminated") from None
-        if answer is None or "status" not in answer:
+        if answer is None:
             raise ProtocolError("the session holder went away while the command ran")
         return int(answer["status"]), answer.get("error")
     finally:
@@ -246,4 +318,7 @@ def _cancel(sock: socket.socket, reader: LineReader) -> None:
     with contextlib.suppress(OSError, BaseException):
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(15.0)
-        reader.read()
+        while True:
+            answer = reader.read()
+            if answer is None or "status" in answer:
+                return
