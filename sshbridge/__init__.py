@@ -53,6 +53,7 @@ from ._options import SSHOptions
 from ._result import CommandResult
 from ._sandbox import SandboxSSH
 from ._sftp import FileAttributesWarning, RemoteFile
+from ._transfer import SyncResult
 from ._tunnels import LocalForward, RemoteForward
 from ._version import __version__
 
@@ -121,6 +122,7 @@ __all__ = [
     "ServerError",
     "SessionExpired",
     "SidecarSSHSession",
+    "SyncResult",
     "UnexpectedResponse",
     "__version__",
     "describe_config",

@@ -195,7 +195,7 @@ class AsyncSandboxSSH:
         return f"Async{self._shell!r}"
 
     @property
-    def sync(self) -> SandboxSSH:
+    def blocking(self) -> SandboxSSH:
         """The underlying synchronous object (its blocking methods block the loop)."""
         return self._shell
 
@@ -351,6 +351,8 @@ class AsyncSandboxSSH:
     get = _Blocking(SandboxSSH.get)
     put_dir = _Blocking(SandboxSSH.put_dir)
     get_dir = _Blocking(SandboxSSH.get_dir)
+    sync = _Blocking(SandboxSSH.sync)
+    sync_down = _Blocking(SandboxSSH.sync_down)
     putfo = _Blocking(SandboxSSH.putfo)
     getfo = _Blocking(SandboxSSH.getfo)
     listdir = _Blocking(SandboxSSH.listdir)
@@ -422,16 +424,16 @@ class AsyncForward:
 
     def __init__(self, shell: AsyncSandboxSSH, forward: _Forward) -> None:
         self.shell = shell
-        self.sync = forward
+        self.blocking = forward
 
     def __repr__(self) -> str:
-        return f"Async{self.sync!r}"
+        return f"Async{self.blocking!r}"
 
     async def start(self) -> int:
-        return await self.shell._call(self.sync.start)
+        return await self.shell._call(self.blocking.start)
 
     async def close(self) -> None:
-        await _finish_in_thread(self.sync.close)
+        await _finish_in_thread(self.blocking.close)
 
     async def __aenter__(self) -> int:
         return await self.start()
@@ -445,29 +447,29 @@ class AsyncRemoteFile:
 
     def __init__(self, shell: AsyncSandboxSSH, fh: RemoteFile) -> None:
         self.shell = shell
-        self.sync = fh
+        self.blocking = fh
         self.path = fh.path
 
     def __repr__(self) -> str:
-        return f"Async{self.sync!r}"
+        return f"Async{self.blocking!r}"
 
     async def read(self, size: int | None = None) -> bytes:
-        return bytes(await self.shell._call(self.sync.read, size))
+        return bytes(await self.shell._call(self.blocking.read, size))
 
     async def write(self, data: bytes) -> None:
-        await self.shell._call(self.sync.write, data)
+        await self.shell._call(self.blocking.write, data)
 
     async def seek(self, offset: int, whence: int = 0) -> None:
-        await self.shell._call(self.sync.seek, offset, whence)
+        await self.shell._call(self.blocking.seek, offset, whence)
 
     async def tell(self) -> int:
-        return int(await self.shell._call(self.sync.tell))
+        return int(await self.shell._call(self.blocking.tell))
 
     async def flush(self) -> None:
-        await self.shell._call(self.sync.flush)
+        await self.shell._call(self.blocking.flush)
 
     async def close(self) -> None:
-        await _finish_in_thread(self.sync.close)
+        await _finish_in_thread(self.blocking.close)
 
     async def __aenter__(self) -> AsyncRemoteFile:
         return self
@@ -481,28 +483,28 @@ class AsyncJob:
 
     def __init__(self, shell: AsyncSandboxSSH, job: Job) -> None:
         self.shell = shell
-        self.sync = job
+        self.blocking = job
         self.id = job.id
         self.directory = job.directory
         self.command = job.command
 
     def __repr__(self) -> str:
-        return f"Async{self.sync!r}"
+        return f"Async{self.blocking!r}"
 
     async def status(self) -> JobStatus:
-        return await self.shell._call(self.sync.status)
+        return await self.shell._call(self.blocking.status)
 
     async def poll(self) -> int | None:
-        return await self.shell._call(self.sync.poll)
+        return await self.shell._call(self.blocking.poll)
 
     async def stdout(self) -> str:
-        return await self.shell._call(lambda: self.sync.stdout)
+        return await self.shell._call(lambda: self.blocking.stdout)
 
     async def stderr(self) -> str:
-        return await self.shell._call(lambda: self.sync.stderr)
+        return await self.shell._call(lambda: self.blocking.stderr)
 
     async def kill(self, signal: str = "TERM") -> None:
-        await self.shell._call(self.sync.kill, signal)
+        await self.shell._call(self.blocking.kill, signal)
 
     async def wait(self, timeout: float | None = None, poll_interval: float = 0.2) -> CommandResult:
         """Wait for the job to end (polling without holding a thread between polls)."""
@@ -515,9 +517,9 @@ class AsyncJob:
         while True:
             code = await self.poll()
             if code is not None:
-                return await self.shell._call(self.sync.result, code, loop.time() - start)
+                return await self.shell._call(self.blocking.result, code, loop.time() - start)
             if timeout is not None and loop.time() - start >= timeout:
-                partial = await self.shell._call(self.sync.result, -1, loop.time() - start)
+                partial = await self.shell._call(self.blocking.result, -1, loop.time() - start)
                 raise CommandTimeout(
                     f"job {self.id} still running after {timeout:g} s (it keeps running; "
                     "wait again, or kill() it)",
@@ -528,7 +530,7 @@ class AsyncJob:
 
     async def stream(self, which: str = "stdout", poll_interval: float = 0.2) -> AsyncIterator[str]:
         """Yield the job's output as it grows, until it ends."""
-        chunks = self.sync.stream(which, poll_interval)
+        chunks = self.blocking.stream(which, poll_interval)
         done = object()
         while True:
             chunk = await self.shell._call(next, chunks, done)
@@ -625,7 +627,7 @@ class AsyncFleet:
         return f"Async{self._fleet!r}"
 
     @property
-    def sync(self) -> Fleet:
+    def blocking(self) -> Fleet:
         return self._fleet
 
     @property

@@ -15,7 +15,7 @@ from typing import IO, Any
 import paramiko
 import requests
 
-from . import _jobs, _runner, _sftp, _transfer, _tunnels
+from . import _jobs, _runner, _sftp, _transfer, _trees, _tunnels
 from ._api import (
     DEFAULT_TTL,
     APIClient,
@@ -375,9 +375,15 @@ class SandboxSSH:
         preserve_times: bool = True,
         verify: Verify = "size",
         callback: Callable[[int, int], None] | None = None,
+        method: _transfer.Method = "auto",
     ) -> list[str]:
-        """Upload a directory tree (modes, mtimes and empty directories kept)."""
-        return _transfer.put_dir(
+        """Upload a directory tree (modes, mtimes and empty directories kept).
+
+        Files go pipelined over SFTP, many in flight, each atomic (temporary name, then
+        rename). ``method="tar"`` streams one tar archive into ``tar -x`` instead
+        (unpacked aside, then renamed into place); without tar there, SFTP is used.
+        """
+        return _trees.put_dir(
             self._manager.source(),
             local_dir,
             remote_dir,
@@ -385,6 +391,7 @@ class SandboxSSH:
             preserve_times=preserve_times,
             verify=verify,
             callback=callback,
+            method=_trees.check_method(method),
         )
 
     def get_dir(
@@ -396,9 +403,15 @@ class SandboxSSH:
         preserve_times: bool = True,
         verify: Verify = "size",
         callback: Callable[[int, int], None] | None = None,
+        method: _transfer.Method = "auto",
     ) -> list[Path]:
-        """Download a directory tree (modes, mtimes and empty directories kept)."""
-        return _transfer.get_dir(
+        """Download a directory tree (modes, mtimes and empty directories kept).
+
+        ``method="auto"`` streams one ``tar -c`` archive where the sandbox has tar
+        (unpacked here into temporary names, renamed into place once complete), else
+        pipelined SFTP; ``verify="sha256"`` always uses SFTP.
+        """
+        return _trees.get_dir(
             self._manager.source(),
             remote_dir,
             local_dir,
@@ -406,7 +419,39 @@ class SandboxSSH:
             preserve_times=preserve_times,
             verify=verify,
             callback=callback,
+            method=_trees.check_method(method),
         )
+
+    def sync(
+        self,
+        local_dir: str | os.PathLike[str],
+        remote_dir: str,
+        *,
+        delete: bool = False,
+        checksum: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> _transfer.SyncResult:
+        """Make ``remote_dir`` a copy of ``local_dir``, sending only what changed.
+
+        A file is sent when its size or mtime differs (with ``checksum=True``: its size
+        or sha256). ``delete=True`` also removes what is not in ``local_dir``. An
+        unchanged tree costs one remote listing.
+        """
+        return _trees.sync_up(self._manager.source(), local_dir, remote_dir, delete=delete,
+                              checksum=checksum, progress=progress)
+
+    def sync_down(
+        self,
+        remote_dir: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        delete: bool = False,
+        checksum: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> _transfer.SyncResult:
+        """Make ``local_dir`` a copy of ``remote_dir``, fetching only what changed."""
+        return _trees.sync_down(self._manager.source(), remote_dir, local_dir, delete=delete,
+                                checksum=checksum, progress=progress)
 
     def putfo(
         self,

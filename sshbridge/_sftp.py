@@ -60,7 +60,7 @@ def check_remote_path(path: object, what: str = "remote path") -> str:
     return path
 
 
-def _remote_error(exc: BaseException, path: str, action: str) -> RemotePathError:
+def remote_error(exc: BaseException, path: str, action: str) -> RemotePathError:
     code = getattr(exc, "errno", None)
     if isinstance(exc, paramiko.SFTPError) or code is None:
         # paramiko reports a refusal that came without a message as a bare OSError.
@@ -82,7 +82,7 @@ _LINK_ERRORS = (ConnectionError, TimeoutError)
 
 
 @contextlib.contextmanager
-def _mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFTPClient]:
+def mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFTPClient]:
     # Errors are translated, and chained to what the server or the socket said.
     try:
         with source.sftp() as client:
@@ -91,12 +91,12 @@ def _mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFT
         raise
     except (EOFError, paramiko.SSHException) as exc:
         if isinstance(exc, paramiko.SFTPError):
-            raise _remote_error(exc, path, action) from exc
+            raise remote_error(exc, path, action) from exc
         raise source.lost_error(f"during {action} {path!r}") from exc
     except OSError as exc:
         if isinstance(exc, _LINK_ERRORS):
             raise source.lost_error(f"during {action} {path!r}") from exc
-        raise _remote_error(exc, path, action) from exc
+        raise remote_error(exc, path, action) from exc
 
 
 def _is_dir(client: paramiko.SFTPClient, path: str) -> bool:
@@ -125,7 +125,7 @@ def _usable(client: paramiko.SFTPClient) -> bool:
     return chan is not None and not chan.closed and chan.get_transport().is_active()
 
 
-def _on_fresh(
+def on_fresh(
     source: SFTPSource, what: str, work: Callable[[paramiko.SFTPClient], None]
 ) -> bool:
     """Run ``work`` on a new SFTP client (a new channel, or a reconnect) when the one in
@@ -149,13 +149,13 @@ def _on_fresh(
 
 # (sandbox, temporary path) of files a failed upload in this process could not remove:
 # their writer is provably gone, so the next upload into that directory removes them.
-_abandoned: set[tuple[str, str]] = set()
+abandoned: set[tuple[str, str]] = set()
 # Directories already swept for stale temporaries, per connection.
 _swept: weakref.WeakKeyDictionary[paramiko.Transport, set[str]] = weakref.WeakKeyDictionary()
-_leftover_lock = threading.Lock()
+leftover_lock = threading.Lock()
 
 
-def _owner(source: SFTPSource) -> str:
+def owner_of(source: SFTPSource) -> str:
     """The sandbox ``source`` reaches (a Link, or a call source holding one)."""
     for obj in (source, getattr(source, "link", None)):
         sandbox_id = getattr(obj, "sandbox_id", None)
@@ -164,9 +164,9 @@ def _owner(source: SFTPSource) -> str:
     return ""
 
 
-def _forget(key: tuple[str, str]) -> None:
-    with _leftover_lock:
-        _abandoned.discard(key)
+def forget_leftover(key: tuple[str, str]) -> None:
+    with leftover_lock:
+        abandoned.discard(key)
 
 
 def _remove(client: paramiko.SFTPClient, path: str) -> None:
@@ -182,13 +182,13 @@ def _discard(source: SFTPSource, client: paramiko.SFTPClient, path: str) -> None
     failure was: on the upload's own client if it still works, else on a fresh one.
     Until it is gone it stays on record for the next upload into that directory.
     Never raises (but a KeyboardInterrupt)."""
-    key = (_owner(source), path)
-    with _leftover_lock:
-        _abandoned.add(key)
+    key = (owner_of(source), path)
+    with leftover_lock:
+        abandoned.add(key)
     if _usable(client):
         try:
             _remove(client, path)
-            _forget(key)
+            forget_leftover(key)
             return
         except Exception as exc:  # noqa: BLE001 - refused, or the channel broke just now
             # A refusal is an answer: the connection works and a retry would be refused
@@ -197,8 +197,8 @@ def _discard(source: SFTPSource, client: paramiko.SFTPClient, path: str) -> None
             if isinstance(exc, OSError) and exc.errno in _REFUSALS:
                 log.debug("could not remove %r: %s", path, exc)
                 return
-    if _on_fresh(source, f"remove {path!r}", lambda fresh: _remove(fresh, path)):
-        _forget(key)
+    if on_fresh(source, f"remove {path!r}", lambda fresh: _remove(fresh, path)):
+        forget_leftover(key)
 
 
 def _restore(source: SFTPSource, client: paramiko.SFTPClient, aside: str, target: str) -> None:
@@ -222,12 +222,12 @@ def _restore(source: SFTPSource, client: paramiko.SFTPClient, aside: str, target
                 log.warning("upload to %r failed and the previous file could not be put "
                             "back (%s); it is kept as %r", target, exc, aside)
                 return
-    if not _on_fresh(source, f"restore {target!r}", back):
+    if not on_fresh(source, f"restore {target!r}", back):
         log.warning("upload to %r failed midway; the previous file is kept as %r",
                     target, aside)
 
 
-def _rename_into_place(
+def rename_into_place(
     source: SFTPSource, client: paramiko.SFTPClient, tmp: str, target: str
 ) -> None:
     """Rename ``tmp`` over ``target``.
@@ -266,7 +266,7 @@ def _rename_into_place(
     _discard(source, client, aside)
 
 
-def _tidy(
+def tidy(
     source: SFTPSource, client: paramiko.SFTPClient, directory: str, server_now: float | None
 ) -> None:
     """After an upload: remove what failed uploads of this process left in ``directory``
@@ -276,21 +276,21 @@ def _tidy(
     Only random-tag names match; a resumable partial (``.NAME.sshbridge.part``) is
     never touched. Best effort: the upload has landed whatever happens here.
     """
-    owner = _owner(source)
+    owner = owner_of(source)
     try:
-        with _leftover_lock:
-            mine = [p for o, p in _abandoned if o == owner and posixpath.dirname(p) == directory]
+        with leftover_lock:
+            mine = [p for o, p in abandoned if o == owner and posixpath.dirname(p) == directory]
         for path in mine:
             try:
                 client.remove(path)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     continue
-            _forget((owner, path))
+            forget_leftover((owner, path))
         transport = _transfer.transport_of(client)
         if server_now is None or transport is None:
             return
-        with _leftover_lock:
+        with leftover_lock:
             seen = _swept.setdefault(transport, set())
             if directory in seen:
                 return
@@ -345,7 +345,7 @@ def _verify_remote(
         )
 
 
-def _create_mode(mode: int) -> int:
+def create_mode(mode: int) -> int:
     # The temporary file starts with the permission bits asked for (the server's umask
     # applies), writable by its owner so that a kept partial can be resumed; SETSTAT
     # then sets the exact mode where the server allows it.
@@ -422,7 +422,7 @@ def upload_file(
         st = os.fstat(fl.fileno())
         size, mode = st.st_size, stat_mod.S_IMODE(st.st_mode)
         try:
-            with _mapped(source, remote, "upload to") as client:
+            with mapped(source, remote, "upload to") as client:
                 target = _target_for_put(client, local_path, remote)
                 tmp = _transfer.temp_name(target, resume=resume)
                 start = _partial_size(client, tmp, size) if resume else 0
@@ -430,7 +430,7 @@ def upload_file(
                 try:
                     fh = _transfer.open_for_upload(
                         client, tmp, resume=bool(start),
-                        mode=_create_mode(mode) if preserve_mode else None,
+                        mode=create_mode(mode) if preserve_mode else None,
                     )
                     try:
                         fl.seek(start)
@@ -457,7 +457,7 @@ def upload_file(
                                        size, f"upload to {target!r}", target)
                     if preserve_mode:
                         _apply_mode(client, tmp, mode, attrs, notes)
-                    _rename_into_place(source, client, tmp, target)
+                    rename_into_place(source, client, tmp, target)
                 except BaseException:
                     if discard:
                         _discard(source, client, tmp)
@@ -465,7 +465,7 @@ def upload_file(
                 # The temporary file's mtime is the server's "now", unless nothing was
                 # written to a kept partial.
                 fresh = stats.sent > 0 or not start
-                _tidy(source, client, posixpath.dirname(target),
+                tidy(source, client, posixpath.dirname(target),
                       attrs.st_mtime if sweep and fresh else None)
         except _transfer.LocalError as exc:
             raise exc.original from None
@@ -490,11 +490,11 @@ def putfo(
     read_into = _reader(fileobj, hasher)
     notes: list[str] = []
     try:
-        with _mapped(source, remote, "upload to") as client:
+        with mapped(source, remote, "upload to") as client:
             tmp = _transfer.temp_name(remote, resume=False)
             try:
                 fh = _transfer.open_for_upload(
-                    client, tmp, resume=False, mode=None if mode is None else _create_mode(mode)
+                    client, tmp, resume=False, mode=None if mode is None else create_mode(mode)
                 )
                 try:
                     stats = _transfer.upload(
@@ -518,11 +518,11 @@ def putfo(
                                    f"upload to {remote!r}", remote)
                 if mode is not None:
                     _apply_mode(client, tmp, stat_mod.S_IMODE(mode), attrs, notes)
-                _rename_into_place(source, client, tmp, remote)
+                rename_into_place(source, client, tmp, remote)
             except BaseException:
                 _discard(source, client, tmp)
                 raise
-            _tidy(source, client, posixpath.dirname(remote), attrs.st_mtime)
+            tidy(source, client, posixpath.dirname(remote), attrs.st_mtime)
     except _transfer.LocalError as exc:
         raise exc.original from None
     if notes:
@@ -589,7 +589,7 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-def _streams_into(path: Path) -> str | None:
+def streams_into(path: Path) -> str | None:
     """What kind of existing non-regular file ``path`` is, if it is one get() writes
     into directly (a FIFO, a character device such as /dev/null) rather than replace;
     None for a regular file or nothing. Anything else is refused."""
@@ -651,7 +651,7 @@ def download_file(
         local_path = local_path / posixpath.basename(remote.rstrip("/"))
     if not local_path.parent.is_dir():
         raise InvalidArgument(f"local directory {str(local_path.parent)!r} does not exist")
-    special = _streams_into(local_path)
+    special = streams_into(local_path)
     if special is not None:
         if not streams or resume:
             raise InvalidArgument(
@@ -673,7 +673,7 @@ def download_file(
     discard = not resume
     done = False
     try:
-        with _mapped(source, remote, "download") as client:
+        with mapped(source, remote, "download") as client:
             attrs = client.stat(remote)
             if stat_mod.S_ISDIR(attrs.st_mode or 0):
                 discard = True
@@ -754,7 +754,7 @@ def _receive(
     verify = _transfer.check_verify(verify)
     hasher = hashlib.sha256() if verify == "sha256" else None
     try:
-        with _mapped(source, remote, "download") as client:
+        with mapped(source, remote, "download") as client:
             attrs = client.stat(remote)
             if stat_mod.S_ISDIR(attrs.st_mode or 0):
                 raise InvalidArgument(f"remote path {remote!r} is a directory, not a file")
@@ -801,20 +801,20 @@ def _receive(
 
 def listdir(source: SFTPSource, path: str = ".") -> list[str]:
     path = check_remote_path(path)
-    with _mapped(source, path, "list") as client:
+    with mapped(source, path, "list") as client:
         return sorted(client.listdir(path))
 
 
 def stat(source: SFTPSource, path: str) -> paramiko.SFTPAttributes:
     path = check_remote_path(path)
-    with _mapped(source, path, "stat") as client:
+    with mapped(source, path, "stat") as client:
         return client.stat(path)
 
 
 def exists(source: SFTPSource, path: str) -> bool:
     path = check_remote_path(path)
     try:
-        with _mapped(source, path, "stat") as client:
+        with mapped(source, path, "stat") as client:
             client.stat(path)
     except RemotePathError as exc:
         if exc.errno == errno.ENOENT:
@@ -825,7 +825,7 @@ def exists(source: SFTPSource, path: str) -> bool:
 
 def makedirs(source: SFTPSource, path: str, mode: int = 0o755, exist_ok: bool = True) -> None:
     path = check_remote_path(path)
-    with _mapped(source, path, "create directory") as client:
+    with mapped(source, path, "create directory") as client:
         parts: list[str] = []
         cur = path.rstrip("/") or "/"
         while cur not in ("", "/", "."):
@@ -859,7 +859,7 @@ def makedirs(source: SFTPSource, path: str, mode: int = 0o755, exist_ok: bool = 
 
 def remove(source: SFTPSource, path: str) -> None:
     path = check_remote_path(path)
-    with _mapped(source, path, "remove") as client:
+    with mapped(source, path, "remove") as client:
         client.remove(path)
 
 
@@ -901,7 +901,7 @@ def open_remote(source: SFTPSource, path: str, mode: str = "r", bufsize: int = -
     path = check_remote_path(path)
     if not isinstance(mode, str) or not set(mode) <= set("rwaxb+"):
         raise InvalidArgument(f"mode {mode!r} is not a file mode like 'r', 'rb', 'w', 'a'")
-    cm = _mapped(source, path, "open")
+    cm = mapped(source, path, "open")
     client = cm.__enter__()
     try:
         fh = client.open(path, mode, bufsize)
@@ -909,6 +909,6 @@ def open_remote(source: SFTPSource, path: str, mode: str = "r", bufsize: int = -
         with contextlib.suppress(BaseException):
             cm.__exit__(type(exc), exc, exc.__traceback__)
         if isinstance(exc, OSError) and not isinstance(exc, RemotePathError):
-            raise _remote_error(exc, path, "open") from None
+            raise remote_error(exc, path, "open") from None
         raise
     return RemoteFile(cm, fh, path)

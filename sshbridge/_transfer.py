@@ -8,10 +8,11 @@ reused buffer, READs batched into one send, and responses parsed straight out of
 whole-buffer drains of the channel. While a download runs, the channel's pipe is a
 list-based one that wakes the reader only once a whole answer can be there.
 
-Only bulk READ/WRITE go through the engine; open, close, stat and rename stay with
-paramiko. Request ids come from the client's own counter, and every request the engine
-sends is answered before the client is used again (or its channel is closed, so the pool
-drops it): paramiko's framing is never left in the middle of a packet.
+For single files only bulk READ/WRITE go through the engine; open, close, stat and
+rename stay with paramiko. Directory trees (``_trees``) send every request on the same
+wire, many files in flight. Request ids come from the client's own counter, and every
+request the engine sends is answered before the client is used again (or its channel is
+closed, so the pool drops it): paramiko's framing is never left in the middle of a packet.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ import stat as stat_mod
 import struct
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal, Protocol
 
@@ -65,15 +65,15 @@ __all__ = [
     "FdSink",
     "Limits",
     "LocalError",
+    "Method",
     "SFTPStatusError",
     "StreamSink",
+    "SyncResult",
     "TransferStats",
     "Verify",
     "download",
-    "get_dir",
     "handle_of",
     "local_sha256",
-    "put_dir",
     "remote_sha256",
     "server_limits",
     "temp_name",
@@ -82,6 +82,23 @@ __all__ = [
 
 Progress = Callable[[int, int], None]
 Verify = Literal["size", "sha256"]
+# How trees travel: "sftp" (pipelined), "tar" (one archive stream), "auto" (see _trees).
+Method = Literal["auto", "sftp", "tar"]
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What ``sync`` / ``sync_down`` did; paths are relative to the synced directories.
+
+    ``sent``: files and links copied to the destination; ``deleted``: entries removed
+    from it (``delete=True``, or something of another kind in the way); ``unchanged``:
+    files and links already the same; ``bytes_sent``: file bytes copied.
+    """
+
+    sent: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
 
 # OpenSSH's sftp-server answers at most 261120 bytes per READ and takes packets up to
 # 256 KiB; limits@openssh.com reports both. Measured: 64 KiB reads cost ~20 % more client
@@ -122,6 +139,8 @@ class LocalError(Exception):
 class Limits:
     read: int
     write: int
+    # Open handles the server allows (0: not said); not part of what a Limits "is".
+    handles: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -141,7 +160,7 @@ class SFTPStatusError(OSError):
     code: int = 0
 
 
-def _status_error(code: int, text: str) -> SFTPStatusError:
+def status_error(code: int, text: str) -> SFTPStatusError:
     # Same shapes as paramiko's _convert_status (errno for the two it maps), so callers
     # map both alike; never an empty message, whatever the server sent.
     name = SFTP_DESC[code] if 0 <= code < len(SFTP_DESC) else "unknown status"
@@ -156,7 +175,7 @@ def _status_error(code: int, text: str) -> SFTPStatusError:
     return exc
 
 
-def _status(body: memoryview) -> tuple[int, str]:
+def parse_status(body: memoryview) -> tuple[int, str]:
     code: int = _U32.unpack_from(body, 0)[0]
     text = ""
     if len(body) >= 8:
@@ -168,7 +187,7 @@ def _status(body: memoryview) -> tuple[int, str]:
 Span = tuple[int, int]  # (offset, length) of one request
 
 
-class _Wire:
+class Wire:
     """SFTP packets straight on the channel of an SFTPClient the caller holds alone.
 
     ``waiting`` maps the id of every request sent and not yet answered to its span.
@@ -290,7 +309,6 @@ class _Wire:
 
 
 if TYPE_CHECKING:
-    from ._sftp import SFTPSource
 
     _PipeBase = BufferedPipe[bytes]  # generic only in the stubs
 else:
@@ -459,7 +477,7 @@ def server_limits(client: paramiko.SFTPClient) -> Limits:
     cached = _limits_cache.get(client)
     if cached is not None:
         return cached
-    wire = _Wire(client)
+    wire = Wire(client)
     rid = wire.next_id()
     name = b"limits@openssh.com"
     body = _U32.pack(len(name)) + name
@@ -471,18 +489,31 @@ def server_limits(client: paramiko.SFTPClient) -> Limits:
         raise
     assert reply is not None
     kind, _span, payload = reply
+    return remember_limits(client, kind, bytes(payload))
+
+
+LIMITS_REQUEST = _U32.pack(18) + b"limits@openssh.com"
+
+
+def remember_limits(client: paramiko.SFTPClient, kind: int, payload: bytes) -> Limits:
+    """Read (and cache for ``client``) the answer to a limits@openssh.com request."""
     limits = Limits(read=MAX_BLOCK, write=SAFE_WRITE)
     if kind == CMD_EXTENDED_REPLY and len(payload) >= 32:
-        packet, read, write, _handles = struct.unpack_from(">QQQQ", payload, 0)
+        packet, read, write, handles = struct.unpack_from(">QQQQ", payload, 0)
         # 0 means "no limit": stay at OpenSSH's sizes, the ones servers are tested with.
         # A WRITE also carries ~13 + handle bytes of header inside the packet cap.
         cap = packet - 1024 if packet > 2048 else MAX_BLOCK
         limits = Limits(
             read=max(1024, min(read or MAX_BLOCK, MAX_BLOCK)),
             write=max(1024, min(write or MAX_BLOCK, cap, MAX_BLOCK)),
+            handles=handles,
         )
     _limits_cache[client] = limits
     return limits
+
+
+def cached_limits(client: paramiko.SFTPClient) -> Limits | None:
+    return _limits_cache.get(client)
 
 
 def handle_of(fh: paramiko.SFTPFile) -> bytes:
@@ -507,7 +538,7 @@ def _string(value: str | bytes) -> bytes:
     return _U32.pack(len(data)) + data
 
 
-def _attrs(mode: int | None = None, times: tuple[float, float] | None = None) -> bytes:
+def encode_attrs(mode: int | None = None, times: tuple[float, float] | None = None) -> bytes:
     flags, body = 0, b""
     if mode is not None:
         flags |= _ATTR_PERMISSIONS
@@ -520,7 +551,7 @@ def _attrs(mode: int | None = None, times: tuple[float, float] | None = None) ->
 
 def request(client: paramiko.SFTPClient, kind: int, payload: bytes) -> tuple[int, bytes]:
     """Send one request and return its answer as (packet type, body after the id)."""
-    wire = _Wire(client)
+    wire = Wire(client)
     rid = wire.next_id()
     wire.send(_HDR.pack(5 + len(payload), kind, rid) + payload, (rid, (0, 0)))
     try:
@@ -536,14 +567,14 @@ def request(client: paramiko.SFTPClient, kind: int, payload: bytes) -> tuple[int
 def _raise_status(answer: int, body: bytes, what: str) -> None:
     if answer != CMD_STATUS:
         raise OSError(f"SFTP server answered {what} with packet type {answer}")
-    code, text = _status(memoryview(body))
+    code, text = parse_status(memoryview(body))
     if code != SFTP_OK:
-        raise _status_error(code, text)
+        raise status_error(code, text)
 
 
 # Connections whose server answered OP_UNSUPPORTED: not asked again (a tree of files
 # on such a server would pay a round trip per file for the same answer).
-_unsupported: dict[str, weakref.WeakSet[paramiko.Transport]] = {
+unsupported_error: dict[str, weakref.WeakSet[paramiko.Transport]] = {
     "setstat": weakref.WeakSet(),
     "posix-rename": weakref.WeakSet(),
 }
@@ -551,9 +582,9 @@ _unsupported: dict[str, weakref.WeakSet[paramiko.Transport]] = {
 
 def _status_request(client: paramiko.SFTPClient, what: str, kind: int, payload: bytes) -> None:
     transport = transport_of(client)
-    known = _unsupported[what]
+    known = unsupported_error[what]
     if transport is not None and transport in known:
-        raise _status_error(
+        raise status_error(
             SFTP_OP_UNSUPPORTED,
             f"Operation unsupported (SFTP status {SFTP_OP_UNSUPPORTED}: this server refused "
             f"{what} earlier on this connection)",
@@ -575,7 +606,7 @@ def setstat(
     times: tuple[float, float] | None = None,
 ) -> None:
     """SETSTAT the mode and/or times in one request; SFTPStatusError if refused."""
-    _status_request(client, "setstat", CMD_SETSTAT, _string(path) + _attrs(mode, times))
+    _status_request(client, "setstat", CMD_SETSTAT, _string(path) + encode_attrs(mode, times))
 
 
 def posix_rename(client: paramiko.SFTPClient, old: str, new: str) -> None:
@@ -594,7 +625,7 @@ def open_for_upload(
         flags = SFTP_FLAG_READ | SFTP_FLAG_WRITE
     else:
         flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
-    payload = _string(path) + _U32.pack(flags) + _attrs(None if resume else mode)
+    payload = _string(path) + _U32.pack(flags) + encode_attrs(None if resume else mode)
     answer, body = request(client, CMD_OPEN, payload)
     if answer != CMD_HANDLE:
         _raise_status(answer, body, "an OPEN")
@@ -641,7 +672,7 @@ def upload(
     ``readinto``). ``progress`` gets (acknowledged bytes + start, total or bytes so far).
     """
     t0 = time.perf_counter()
-    wire = _Wire(client)
+    wire = Wire(client)
     if block is None:
         block = server_limits(client).write
     hlen = len(handle)
@@ -696,9 +727,9 @@ def _write_ack(reply: tuple[int, Span, memoryview]) -> int:
     kind, (_offset, n), body = reply
     if kind != CMD_STATUS:
         raise OSError(f"SFTP server answered a write with packet type {kind}")
-    code, text = _status(body)
+    code, text = parse_status(body)
     if code != SFTP_OK:
-        raise _status_error(code, text)
+        raise status_error(code, text)
     return n
 
 
@@ -772,7 +803,7 @@ def download(
     rest. Raises RemotePathError when the bytes received do not form one run.
     """
     t0 = time.perf_counter()
-    wire = _Wire(client)
+    wire = Wire(client)
     if block is None:
         block = server_limits(client).read
     prefix = _U32.pack(len(handle)) + handle
@@ -832,9 +863,9 @@ def download(
                     if progress is not None:
                         progress(start + got_total, max(size, start + got_total))
                 elif kind == CMD_STATUS:
-                    code, text = _status(body)
+                    code, text = parse_status(body)
                     if code != SFTP_EOF:
-                        raise _status_error(code, text)
+                        raise status_error(code, text)
                     eof_at = off if eof_at is None else min(eof_at, off)
                 else:
                     raise OSError(f"SFTP server answered a read with packet type {kind}")
@@ -928,24 +959,6 @@ def in_background(fn: Callable[[], str]) -> Future[str]:
 # -- directory trees --------------------------------------------------------------------
 
 
-@dataclass
-class _TreeProgress:
-    """Turns per-file progress into progress over the whole tree."""
-
-    total: int
-    callback: Progress | None
-    base: int = 0
-
-    def file(self) -> Progress | None:
-        if self.callback is None:
-            return None
-        base, total, callback = self.base, self.total, self.callback
-        return lambda done, _size: callback(base + done, total)
-
-    def finished(self, size: int) -> None:
-        self.base += size
-
-
 SymlinkOrder = Literal["openssh", "draft"]
 _symlink_orders: weakref.WeakKeyDictionary[paramiko.Transport, SymlinkOrder] = (
     weakref.WeakKeyDictionary()
@@ -1026,7 +1039,7 @@ def make_symlink(client: paramiko.SFTPClient, link_to: str, path: str, directory
     )
 
 
-def _set_attrs(
+def set_attrs(
     client: paramiko.SFTPClient,
     path: str,
     notes: list[str],
@@ -1051,167 +1064,8 @@ def attributes_warning(what: str, notes: list[str]) -> str:
     return f"{what}: the server did not set every attribute: {shown}"
 
 
-def put_dir(
-    source: SFTPSource,
-    local_dir: str | os.PathLike[str],
-    remote_dir: str,
-    *,
-    preserve_mode: bool = True,
-    preserve_times: bool = True,
-    verify: Verify = "size",
-    callback: Progress | None = None,
-) -> list[str]:
-    """Upload a local tree into ``remote_dir`` (created if missing); returns the files.
 
-    Each file is atomic (see ``put``), the tree is not: a failure leaves the files done
-    so far. Empty directories are created; modes and mtimes are kept when asked (a
-    server that refuses them gets one ``FileAttributesWarning`` for the tree).
-    Symbolic links are recreated as links with the same target text, never followed,
-    so a link out of the tree does not upload what it points to; each link is made in
-    the server's own SYMLINK argument order and read back. Other special files
-    (sockets, FIFOs, devices) are skipped.
-    """
-    from . import _sftp  # _sftp imports this module
-
-    root = Path(local_dir)
-    if not root.is_dir():
-        raise InvalidArgument(f"local path {str(root)!r} is not a directory")
-    remote_dir = _sftp.check_remote_path(remote_dir).rstrip("/") or "/"
-    verify = check_verify(verify)
-    plan: list[tuple[str, str, os.stat_result]] = []  # kind, relative posix path, lstat
-    for here, dirs, files in os.walk(root, followlinks=False):
-        rel_here = Path(here).relative_to(root).as_posix()
-        for name in sorted(dirs + files):
-            full = Path(here) / name
-            st = full.lstat()
-            rel = name if rel_here == "." else f"{rel_here}/{name}"
-            if stat_mod.S_ISLNK(st.st_mode):
-                plan.append(("link", rel, st))
-            elif stat_mod.S_ISDIR(st.st_mode):
-                plan.append(("dir", rel, st))
-            elif stat_mod.S_ISREG(st.st_mode):
-                plan.append(("file", rel, st))
-    progress = _TreeProgress(sum(st.st_size for k, _, st in plan if k == "file"), callback)
-    _sftp.makedirs(source, remote_dir)
-    written: list[str] = []
-    notes: list[str] = []
-    for kind, rel, st in plan:
-        target = f"{remote_dir}/{rel}"
-        if kind == "dir":
-            # Created with its own permission bits (owner rwx kept, so the tree can be
-            # filled): on a server without SETSTAT that is what it keeps.
-            mode = (stat_mod.S_IMODE(st.st_mode) & 0o777) | 0o700 if preserve_mode else 0o755
-            _sftp.makedirs(source, target, mode=mode)
-        elif kind == "file":
-            _sftp.upload_file(source, root / rel, target, preserve_mode=preserve_mode,
-                              callback=progress.file(), verify=verify, notes=notes)
-            progress.finished(st.st_size)
-            written.append(target)
-            if preserve_times:
-                with _sftp._mapped(source, target, "set times of") as client:
-                    _set_attrs(client, target, notes, times=(st.st_atime, st.st_mtime))
-        else:
-            link_to = os.readlink(root / rel)
-            with _sftp._mapped(source, target, "create link") as client:
-                make_symlink(client, link_to, target, remote_dir)
-    # Directories last, deepest first: adding entries changed their mtimes.
-    with _sftp._mapped(source, remote_dir, "set attributes in") as client:
-        for kind, rel, st in reversed(plan):
-            if kind != "dir":
-                continue
-            target = f"{remote_dir}/{rel}"
-            if preserve_mode:
-                _set_attrs(client, target, notes, mode=stat_mod.S_IMODE(st.st_mode))
-            if preserve_times:
-                _set_attrs(client, target, notes, times=(st.st_atime, st.st_mtime))
-    if notes:
-        warnings.warn(attributes_warning(f"put_dir into {remote_dir!r}", notes),
-                      _sftp.FileAttributesWarning, stacklevel=3)
-    return written
-
-
-def get_dir(
-    source: SFTPSource,
-    remote_dir: str,
-    local_dir: str | os.PathLike[str],
-    *,
-    preserve_mode: bool = True,
-    preserve_times: bool = True,
-    verify: Verify = "size",
-    callback: Progress | None = None,
-) -> list[Path]:
-    """Download the tree at ``remote_dir`` into ``local_dir`` (created if missing).
-
-    The mirror of ``put_dir``: files atomic one by one, empty directories kept, modes
-    (permission bits only: setuid, setgid and sticky are dropped, as OpenSSH's sftp
-    does) and mtimes kept when asked, symbolic links recreated as links and never
-    followed. A local directory on the way that is a symbolic link is refused rather
-    than written through, so a link from the sandbox cannot steer files out of the
-    tree; so is a local FIFO or device where a file goes.
-    """
-    from . import _sftp
-
-    remote_dir = _sftp.check_remote_path(remote_dir).rstrip("/") or "/"
-    verify = check_verify(verify)
-    root = Path(local_dir)
-    plan: list[tuple[str, str, paramiko.SFTPAttributes, str]] = []
-    with _sftp._mapped(source, remote_dir, "list") as client:
-        top = client.stat(remote_dir)
-        if not stat_mod.S_ISDIR(top.st_mode or 0):
-            raise InvalidArgument(f"remote path {remote_dir!r} is not a directory")
-        pending = [""]
-        while pending:
-            rel_here = pending.pop()
-            here = f"{remote_dir}/{rel_here}" if rel_here else remote_dir
-            for attrs in sorted(client.listdir_attr(here), key=lambda a: a.filename):
-                rel = f"{rel_here}/{attrs.filename}" if rel_here else attrs.filename
-                mode = attrs.st_mode or 0
-                if stat_mod.S_ISLNK(mode):
-                    plan.append(("link", rel, attrs, client.readlink(f"{remote_dir}/{rel}") or ""))
-                elif stat_mod.S_ISDIR(mode):
-                    plan.append(("dir", rel, attrs, ""))
-                    pending.append(rel)
-                elif stat_mod.S_ISREG(mode):
-                    plan.append(("file", rel, attrs, ""))
-    plan.sort(key=lambda item: item[1])  # parents before children
-    progress = _TreeProgress(sum(a.st_size or 0 for k, _, a, _ in plan if k == "file"), callback)
-    root.mkdir(parents=True, exist_ok=True)
-    _real_dir(root, root)
-    written: list[Path] = []
-    for kind, rel, attrs, link_to in plan:
-        dest = root.joinpath(*rel.split("/"))
-        _real_dir(dest.parent, root)
-        if kind == "dir":
-            _real_dir(dest, root)
-            if not dest.is_dir():
-                dest.mkdir()
-        elif kind == "file":
-            if dest.is_symlink():  # get() would follow a link to a directory
-                dest.unlink()
-            _sftp.download_file(source, f"{remote_dir}/{rel}", dest, preserve_mode=preserve_mode,
-                                callback=progress.file(), verify=verify, streams=False)
-            progress.finished(attrs.st_size or 0)
-            written.append(dest)
-            if preserve_times and attrs.st_mtime is not None:
-                os.utime(dest, (attrs.st_atime or attrs.st_mtime, attrs.st_mtime))
-        else:
-            if dest.is_symlink() or dest.exists():
-                if dest.is_dir() and not dest.is_symlink():
-                    raise InvalidArgument(f"local path {str(dest)!r} is a directory, not a link")
-                dest.unlink()
-            os.symlink(link_to, dest)
-    for kind, rel, attrs, _ in reversed(plan):
-        if kind != "dir":
-            continue
-        dest = root.joinpath(*rel.split("/"))
-        if preserve_mode and attrs.st_mode is not None:
-            os.chmod(dest, stat_mod.S_IMODE(attrs.st_mode) & 0o777)
-        if preserve_times and attrs.st_mtime is not None:
-            os.utime(dest, (attrs.st_atime or attrs.st_mtime, attrs.st_mtime))
-    return written
-
-
-def _real_dir(path: Path, root: Path) -> None:
+def real_dir(path: Path, root: Path) -> None:
     """Refuse to write below a symbolic link inside the tree being downloaded."""
     here = path
     while True:

@@ -298,7 +298,7 @@ def test_async_surface_methods_are_coroutines(emu: Emulator, tmp_path: Path) -> 
     async def main() -> None:
         async with AsyncSandboxSSH(sandbox, **opts(emu)) as shell:
             assert inspect.signature(shell.put_dir).parameters.keys() == inspect.signature(
-                shell.sync.put_dir
+                shell.blocking.put_dir
             ).parameters.keys()
             await shell.put_dir(local, "/tmp/tree")
             back = await shell.get_dir("/tmp/tree", tmp_path / "back")

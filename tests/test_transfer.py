@@ -27,7 +27,7 @@ import pytest
 from pydantic import SecretStr
 from sshd_server import SSHDServer, find_sshd, start_sshd
 
-from sshbridge import _sftp, _transfer
+from sshbridge import _sftp, _transfer, _trees
 from sshbridge._exceptions import ConnectionLost, InvalidArgument, RemotePathError
 from sshbridge._hostkeys import PinFirstHostKey
 from sshbridge._link import Link
@@ -688,18 +688,18 @@ def test_tree_round_trip(link: Link, rdir: Path, tmp_path: Path) -> None:
             os.utime(p, (1_600_000_000 + i, 1_600_000_000 + i))
     os.utime(src / "a", (1_500_000_000, 1_500_000_000))
     seen: list[tuple[int, int]] = []
-    sent = _transfer.put_dir(link, src, str(rdir / "tree"),
+    sent = _trees.put_dir(link, src, str(rdir / "tree"),
                              callback=lambda d, t: seen.append((d, t)))
     assert len(sent) == 4 and seen[-1] == (1_500_013, 1_500_013)
     assert _snapshot(rdir / "tree") == _snapshot(src)
     assert os.readlink(rdir / "tree" / "outside") == "/etc/passwd"
 
     back = tmp_path / "back"
-    got = _transfer.get_dir(link, str(rdir / "tree"), back, verify="sha256")
+    got = _trees.get_dir(link, str(rdir / "tree"), back, verify="sha256")
     assert len(got) == 4
     assert _snapshot(back) == _snapshot(src)
     # Again over the existing copy: links are replaced, files overwritten atomically.
-    _transfer.get_dir(link, str(rdir / "tree"), back)
+    _trees.get_dir(link, str(rdir / "tree"), back)
     assert _snapshot(back) == _snapshot(src)
     assert _leftovers(back / "a") == [] and _leftovers(rdir / "tree" / "a") == []
 
@@ -715,5 +715,5 @@ def test_get_dir_does_not_write_through_local_links(
     dest.mkdir()
     os.symlink(elsewhere, dest / "sub")  # planted: sub -> a directory outside the tree
     with pytest.raises(InvalidArgument, match="symbolic link"):
-        _transfer.get_dir(link, str(rdir / "t"), dest)
+        _trees.get_dir(link, str(rdir / "t"), dest)
     assert os.listdir(elsewhere) == []
