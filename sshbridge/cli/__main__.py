@@ -1,0 +1,5 @@
+"""``python -m sshbridge.cli``."""
+
+from . import main
+
+main()
