@@ -17,12 +17,16 @@ from typing import Any, TypeVar
 
 import paramiko
 import paramiko.hostkeys
+from paramiko.auth_handler import AuthHandler
 from paramiko.common import (
     MSG_CHANNEL_FAILURE,
+    MSG_UNIMPLEMENTED,
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
     OPEN_FAILED_CONNECT_FAILED,
     OPEN_FAILED_UNKNOWN_CHANNEL_TYPE,
     cMSG_CHANNEL_REQUEST,
+    cMSG_SERVICE_REQUEST,
+    cMSG_USERAUTH_REQUEST,
 )
 
 # paramiko exports the OPEN_FAILED_* codes at its top level, but its stubs only have them
@@ -31,15 +35,19 @@ __all__ = [
     "OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED",
     "OPEN_FAILED_CONNECT_FAILED",
     "OPEN_FAILED_UNKNOWN_CHANNEL_TYPE",
+    "PipelinedAuth",
     "adopt_channel",
     "eof_received",
     "exit_status",
     "handshake_done",
     "parse_known_hosts_line",
+    "pipelined_publickey_blob",
+    "pipelining_possible",
     "quiet_channel_open_failures",
     "send_channel_request",
     "send_eof",
     "set_handshake_timeouts",
+    "start_pipelined_publickey",
     "status_event",
     "transport_socket",
     "wait_channel",
@@ -191,6 +199,142 @@ def watch_channel_failures(
     table[MSG_CHANNEL_FAILURE] = failed
     setattr(transport, _HANDLER_TABLE, table)
     return True
+
+
+# -- authentication ----------------------------------------------------------------------
+# paramiko sends its USERAUTH_REQUEST only once SERVICE_ACCEPT arrives, one round trip
+# after the SERVICE_REQUEST. Servers handle packets in order, so the request can go right
+# behind the SERVICE_REQUEST instead; the functions below do that with paramiko's own
+# client AuthHandler, told not to send a second request when the accept comes.
+
+_USERAUTH_SERVICE = "ssh-userauth"
+_CONNECTION_SERVICE = "ssh-connection"
+
+
+def pipelining_possible(transport: paramiko.Transport, key: paramiko.PKey) -> bool:
+    """The key's signature algorithm is its own name (not RSA, whose algorithm depends
+    on the server's EXT_INFO; not a certificate), and the first key exchange is done."""
+    return (
+        transport.is_active()
+        and handshake_done(transport)
+        and isinstance(transport.session_id, bytes)
+        and "rsa" not in key.get_name()
+        and getattr(key, "public_blob", None) is None
+    )
+
+
+def pipelined_publickey_blob(session_id: bytes, username: str, key: paramiko.PKey) -> bytes:
+    """The data a publickey USERAUTH_REQUEST signs (RFC 4252 section 7), as paramiko's
+    AuthHandler._get_session_blob builds it for a plain (non-certificate) key."""
+    m = paramiko.Message()
+    m.add_string(session_id)
+    m.add_byte(cMSG_USERAUTH_REQUEST)
+    m.add_string(username)
+    m.add_string(_CONNECTION_SERVICE)
+    m.add_string("publickey")
+    m.add_boolean(True)
+    m.add_string(key.get_name())
+    m.add_string(key.asbytes())
+    return m.asbytes()
+
+
+def _publickey_request(session_id: bytes, username: str, key: paramiko.PKey) -> paramiko.Message:
+    algorithm = key.get_name()
+    m = paramiko.Message()
+    m.add_byte(cMSG_USERAUTH_REQUEST)
+    m.add_string(username)
+    m.add_string(_CONNECTION_SERVICE)
+    m.add_string("publickey")
+    m.add_boolean(True)
+    m.add_string(algorithm)
+    m.add_string(key.asbytes())
+    blob = pipelined_publickey_blob(session_id, username, key)
+    m.add_string(key.sign_ssh_data(blob, algorithm).asbytes())
+    return m
+
+
+class PipelinedAuth(AuthHandler):
+    """paramiko's client AuthHandler for a request already sent: SERVICE_ACCEPT sends
+    nothing, and it records whether the server answered in order.
+
+    ``answered`` is true once USERAUTH_SUCCESS, or USERAUTH_FAILURE after SERVICE_ACCEPT,
+    arrived: the server took the early request, and its verdict is final. Anything else
+    (a disconnect, MSG_UNIMPLEMENTED, a failure before the accept, no answer at all) may
+    be a server that does not take a request before it accepted the service.
+    """
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        super().__init__(transport)
+        self._done = threading.Event()
+        self.auth_event = self._done
+        self.auth_method = "publickey"
+        self.service_accepted = False
+        self.answered = False
+        self.refusal = ""
+
+    @property
+    def refused_early(self) -> bool:
+        return not self.answered
+
+    def _wake(self, why: str) -> None:
+        self.refusal = self.refusal or why
+        self._done.set()
+
+    def _parse_service_accept(self, m: paramiko.Message) -> None:
+        if m.get_text() == _USERAUTH_SERVICE:
+            self.service_accepted = True
+        else:
+            self._wake("the server accepted another service")
+
+    def _parse_userauth_success(self, m: paramiko.Message) -> None:
+        self.answered = True
+        super()._parse_userauth_success(m)  # type: ignore[misc]
+
+    def _parse_userauth_failure(self, m: paramiko.Message) -> None:
+        if not self.service_accepted:
+            self._wake("USERAUTH_FAILURE before SERVICE_ACCEPT")
+            return
+        self.answered = True
+        super()._parse_userauth_failure(m)  # type: ignore[misc]
+
+    def _parse_unimplemented(self, m: paramiko.Message) -> None:
+        self._wake("the server answered MSG_UNIMPLEMENTED")
+
+    @property
+    def _client_handler_table(self) -> dict[int, Callable[[paramiko.Message], None]]:
+        # paramiko's transport thread dispatches every message it does not handle itself
+        # through this table; MSG_UNIMPLEMENTED is added so a refusal wakes the waiter.
+        table = dict(super()._client_handler_table)  # type: ignore[misc]
+        table[MSG_UNIMPLEMENTED] = self._parse_unimplemented
+        return table
+
+    def wait(self) -> None:
+        """Block for the result as Transport.auth_publickey does (same timeout, same
+        exceptions: AuthenticationException and its subclasses, SSHException, EOFError)."""
+        self.wait_for_response(self._done)
+
+
+def start_pipelined_publickey(
+    transport: paramiko.Transport, username: str, key: paramiko.PKey
+) -> PipelinedAuth:
+    """Send SERVICE_REQUEST("ssh-userauth") and the signed publickey USERAUTH_REQUEST
+    back to back; then call ``wait()`` on the result. Needs pipelining_possible()."""
+    session_id = transport.session_id
+    if session_id is None:
+        raise paramiko.SSHException("No existing session")
+    handler = PipelinedAuth(transport)
+    handler.username = username
+    handler.private_key = key
+    request = _publickey_request(session_id, username, key)
+    service = paramiko.Message()
+    service.add_byte(cMSG_SERVICE_REQUEST)
+    service.add_string(_USERAUTH_SERVICE)
+    # Under the transport lock, as paramiko's own auth_publickey sends its request.
+    with transport.lock:
+        transport.auth_handler = handler
+        transport._send_message(service)  # type: ignore[attr-defined]
+        transport._send_message(request)  # type: ignore[attr-defined]
+    return handler
 
 
 class _QuietChannelRefusals(logging.Filter):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from ._compat import handshake_done, quiet_channel_open_failures, set_handshake_timeouts
+from ._compat import (
+    handshake_done,
+    pipelining_possible,
+    quiet_channel_open_failures,
+    set_handshake_timeouts,
+    start_pipelined_publickey,
+)
 from ._exceptions import ConnectionLost, HostKeyMismatch, SSHConnectError
 from ._hostkeys import HostKeyPolicy
 from ._retry import StopAtDeadline
@@ -59,6 +66,70 @@ class _Retry(Exception):
     """A connect attempt that may succeed later (exposure not ready, key not yet active)."""
 
 
+class _EarlyAuthRefused(_Retry):
+    """The server did not answer a USERAUTH_REQUEST sent before its SERVICE_ACCEPT."""
+
+
+class _KeyRefused(_Retry):
+    """The server answered the USERAUTH_REQUEST, and refused the key."""
+
+
+# host:port pairs where the pipelined USERAUTH_REQUEST went unanswered and paramiko's
+# plain order then got an answer: those get the plain order for the rest of the process.
+_plain_auth_only: set[tuple[str, int]] = set()
+_plain_auth_lock = threading.Lock()
+
+
+def _pipelining_allowed(host: str, port: int) -> bool:
+    with _plain_auth_lock:
+        return (host, port) not in _plain_auth_only
+
+
+def _stop_pipelining(host: str, port: int) -> None:
+    with _plain_auth_lock:
+        _plain_auth_only.add((host, port))
+
+
+def _authenticate(
+    transport: paramiko.Transport,
+    host: str,
+    port: int,
+    username: str,
+    key: EphemeralKey,
+    *,
+    pipeline: bool,
+) -> None:
+    """Publickey authentication. Pipelined, the USERAUTH_REQUEST goes out right behind
+    the SERVICE_REQUEST (one round trip less); an attempt the server did not answer in
+    order raises _EarlyAuthRefused, anything else is reported as paramiko's own path
+    reports it."""
+    if not (pipeline and pipelining_possible(transport, key.pkey)):
+        try:
+            transport.auth_publickey(username, key.pkey)
+        except paramiko.AuthenticationException:
+            # paramiko raises this for a transport that died mid-way too.
+            kind = _KeyRefused if transport.is_active() else _Retry
+            raise kind(f"the server at {host}:{port} did not accept the session key") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise _Retry(f"authentication with {host}:{port} failed: {exc}") from None
+        return
+    auth = None
+    try:
+        auth = start_pipelined_publickey(transport, username, key.pkey)
+        auth.wait()
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        if auth is None or auth.refused_early:
+            why = (auth.refusal if auth is not None else "") or str(exc) or type(exc).__name__
+            raise _EarlyAuthRefused(
+                f"the server at {host}:{port} did not answer an early USERAUTH_REQUEST: {why}"
+            ) from None
+        if isinstance(exc, paramiko.AuthenticationException):
+            raise _KeyRefused(
+                f"the server at {host}:{port} did not accept the session key"
+            ) from None
+        raise _Retry(f"authentication with {host}:{port} failed: {exc}") from None
+
+
 def _open_once(
     host: str,
     port: int,
@@ -70,6 +141,7 @@ def _open_once(
     timeout: float,
     keepalive: float,
     preamble: bytes | None = None,
+    pipeline: bool = False,
 ) -> paramiko.Transport:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -106,13 +178,9 @@ def _open_once(
         except (paramiko.SSHException, EOFError, OSError) as exc:
             why = str(exc) or type(exc).__name__
             raise _Retry(f"SSH handshake with {host}:{port} failed: {why}") from None
+        # The host key is checked before anything signed is sent.
         policy.verify(sandbox_id, host, port, server_key)
-        try:
-            transport.auth_publickey(username, key.pkey)
-        except paramiko.AuthenticationException:
-            raise _Retry(f"the server at {host}:{port} did not accept the session key") from None
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise _Retry(f"authentication with {host}:{port} failed: {exc}") from None
+        _authenticate(transport, host, port, username, key, pipeline=pipeline)
         if not transport.is_authenticated():
             raise _Retry(f"the server at {host}:{port} did not accept the session key")
     except BaseException:
@@ -155,7 +223,8 @@ def connect(
             raise _Retry("deadline passed")
         timeout = min(attempt_timeout[0], remaining)
         attempt_timeout[0] = min(attempt_timeout[0] * 2, 15.0)
-        try:
+
+        def attempt(pipeline: bool, timeout: float) -> paramiko.Transport:
             return _open_once(
                 host,
                 port,
@@ -166,7 +235,31 @@ def connect(
                 timeout=max(0.2, timeout),
                 keepalive=keepalive,
                 preamble=preamble,
+                pipeline=pipeline,
             )
+
+        try:
+            try:
+                return attempt(_pipelining_allowed(host, port), timeout)
+            except _EarlyAuthRefused as exc:
+                # Maybe a server that takes no request before its SERVICE_ACCEPT: once
+                # more at once in paramiko's order, and if that works, keep to it here.
+                log.debug("connect attempt to %s:%s: %s; retrying in order", host, port, exc)
+                if cancelled is not None and cancelled():
+                    raise ConnectionLost("the link was closed while connecting") from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                try:
+                    transport = attempt(False, min(timeout, remaining))
+                except _KeyRefused:
+                    # An answer in order where the early request got none: the server's
+                    # way, whatever it thinks of this key.
+                    _stop_pipelining(host, port)
+                    raise
+                _stop_pipelining(host, port)
+                log.debug("%s:%s: pipelined authentication turned off", host, port)
+                return transport
         except _Retry as exc:
             last[:] = [str(exc)]
             log.debug("connect attempt to %s:%s: %s", host, port, exc)

@@ -92,11 +92,19 @@ COMPAT_CHANNEL_ATTRS = [
 ]  # fmt: skip
 COMPAT_TRANSPORT_ATTRS = [
     "sock", "initial_kex_done", "banner_timeout", "auth_timeout", "handshake_timeout",
+    "session_id", "auth_handler", "lock",
 ]  # fmt: skip
 COMPAT_COMMON = [
     "MSG_CHANNEL_FAILURE", "cMSG_CHANNEL_REQUEST", "OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED",
     "OPEN_FAILED_CONNECT_FAILED", "OPEN_FAILED_UNKNOWN_CHANNEL_TYPE",
+    "MSG_UNIMPLEMENTED", "cMSG_SERVICE_REQUEST", "cMSG_USERAUTH_REQUEST",
 ]  # fmt: skip
+# The pipelined publickey authentication: paramiko's client AuthHandler, subclassed.
+COMPAT_AUTH_METHODS = [
+    "_parse_service_accept", "_parse_userauth_success", "_parse_userauth_failure",
+    "wait_for_response",
+]  # fmt: skip
+COMPAT_AUTH_PROPERTIES = ["_client_handler_table", "_handler_table"]
 
 
 def _connect(server: SSHDServer, key: paramiko.PKey) -> paramiko.Transport:
@@ -311,3 +319,125 @@ def test_compat_known_hosts_line() -> None:
     assert entry is not None and entry.key == key and entry.hostnames == ["sbx_1", "[h]:2222"]
     assert _compat.parse_known_hosts_line("sbx_1 ssh-ed25519 AAAAnot-base64!!") is None
     assert _compat.parse_known_hosts_line("just-one-field") is None
+
+
+# -- pipelined publickey authentication ------------------------------------------------------
+
+
+def test_compat_auth_handler_internals() -> None:
+    import inspect
+    import socket
+
+    import paramiko.auth_handler
+    from paramiko.common import (
+        MSG_SERVICE_ACCEPT,
+        MSG_UNIMPLEMENTED,
+        MSG_USERAUTH_FAILURE,
+        MSG_USERAUTH_SUCCESS,
+    )
+
+    from sshbridge import _compat
+
+    handler_cls = paramiko.auth_handler.AuthHandler
+    missing = [f"AuthHandler.{n}" for n in COMPAT_AUTH_METHODS if not callable(
+        getattr(handler_cls, n, None))]  # fmt: skip
+    missing += [
+        f"AuthHandler.{n} (a property)"
+        for n in COMPAT_AUTH_PROPERTIES
+        if not isinstance(inspect.getattr_static(handler_cls, n, None), property)
+    ]
+    missing += [] if callable(getattr(paramiko.Transport, "_send_message", None)) else [
+        "Transport._send_message"]  # fmt: skip
+    assert not missing, f"paramiko {paramiko.__version__} lacks {missing}"
+
+    sock = socket.socket()
+    try:
+        transport = paramiko.Transport(sock)  # client mode, never started
+        # A client handler dispatches the server's answers through methods looked up by
+        # name, so the subclass's overrides are the ones paramiko calls ...
+        plain = handler_cls(transport)._handler_table
+        for ptype, name in (
+            (MSG_SERVICE_ACCEPT, "_parse_service_accept"),
+            (MSG_USERAUTH_SUCCESS, "_parse_userauth_success"),
+            (MSG_USERAUTH_FAILURE, "_parse_userauth_failure"),
+        ):
+            assert plain[ptype].__name__ == name, (ptype, plain[ptype])
+        ours = _compat.PipelinedAuth(transport)._handler_table
+        for ptype in (MSG_SERVICE_ACCEPT, MSG_USERAUTH_SUCCESS, MSG_USERAUTH_FAILURE):
+            assert ours[ptype].__func__ is vars(_compat.PipelinedAuth)[plain[ptype].__name__]
+        assert ours[MSG_UNIMPLEMENTED].__self__.__class__ is _compat.PipelinedAuth
+        # ... and the transport handles none of these itself: they reach the auth handler.
+        own = set(transport._handler_table) | set(  # type: ignore[attr-defined]
+            paramiko.Transport._channel_handler_table  # type: ignore[attr-defined]
+        )
+        taken = {MSG_SERVICE_ACCEPT, MSG_USERAUTH_SUCCESS, MSG_USERAUTH_FAILURE, MSG_UNIMPLEMENTED}
+        assert not own & taken, own & taken
+    finally:
+        sock.close()
+    run = inspect.getsource(paramiko.Transport.run)
+    assert "self.auth_handler._handler_table" in run, "the run loop no longer asks auth_handler"
+    # paramiko's own accept handler is the one that sends the request (so the subclass
+    # must not call it), and auth_publickey installs its handler as an attribute.
+    assert "cMSG_USERAUTH_REQUEST" in inspect.getsource(handler_cls._parse_service_accept)
+    assert "self.auth_handler = AuthHandler(self)" in inspect.getsource(
+        paramiko.Transport.auth_publickey
+    )
+
+
+def test_compat_pipelined_publickey(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
+    import paramiko.auth_handler
+
+    from sshbridge import _compat
+
+    server, key = sshd
+    transport = paramiko.Transport((server.host, server.port))
+    try:
+        transport.start_client(timeout=10)
+        missing = [f"Transport.{a}" for a in COMPAT_TRANSPORT_ATTRS if not hasattr(transport, a)]
+        assert not missing, f"paramiko {paramiko.__version__} lacks {missing}"
+        assert _compat.pipelining_possible(transport, key)
+        # The signed data is byte for byte what paramiko's own client signs.
+        session_id = transport.session_id
+        assert isinstance(session_id, bytes)
+        reference = paramiko.auth_handler.AuthHandler(transport)._get_session_blob(  # type: ignore[attr-defined]
+            key, "ssh-connection", server.username, key.get_name()
+        )
+        assert _compat.pipelined_publickey_blob(session_id, server.username, key) == reference
+
+        auth = _compat.start_pipelined_publickey(transport, server.username, key)
+        assert transport.auth_handler is auth
+        auth.wait()
+        assert transport.is_authenticated() and transport.get_username() == server.username
+        assert auth.service_accepted and auth.answered and not auth.refused_early
+        chan = transport.open_session()
+        chan.exec_command("true")
+        assert chan.recv_exit_status() == 0
+        # The accept sent no second request: sshd answers one after success with
+        # MSG_UNIMPLEMENTED, which the handler would have recorded by now.
+        assert auth.refusal == "", auth.refusal
+    finally:
+        transport.close()
+
+
+def test_compat_pipelined_publickey_refused_key(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
+    from sshbridge import _compat
+
+    server, _ = sshd
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
+    )
+    stranger = paramiko.Ed25519Key(file_obj=io.StringIO(pem.decode()))
+    transport = paramiko.Transport((server.host, server.port))
+    try:
+        transport.start_client(timeout=10)
+        auth = _compat.start_pipelined_publickey(transport, server.username, stranger)
+        # The same exception paramiko's auth_publickey raises, answered in order.
+        with pytest.raises(paramiko.AuthenticationException) as info:
+            auth.wait()
+        assert type(info.value) is paramiko.AuthenticationException
+        assert auth.service_accepted and auth.answered and not auth.refused_early
+        assert transport.is_active() and not transport.is_authenticated()
+        # RSA keys (algorithm chosen from the server's EXT_INFO) keep paramiko's path.
+        assert not _compat.pipelining_possible(transport, paramiko.RSAKey.generate(1024))
+    finally:
+        transport.close()
