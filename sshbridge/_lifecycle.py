@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +49,8 @@ from ._exceptions import (
 )
 from ._link import Link
 from ._models import SSHSession
+from ._options import check_renew_before
+from ._options import default_renew_before as default_renew_before  # re-exported
 from ._retry import Backoff
 
 log = logging.getLogger("sshbridge.lifecycle")
@@ -70,12 +71,6 @@ _SPECIFIC = (SandboxError, HostKeyMismatch, AuthenticationError, PaymentRequired
 # close() waits this long in all for its worker threads; one stuck in I/O past it is a
 # daemon that closes what it made when its I/O ends.
 CLOSE_JOIN_TIMEOUT = 1.5
-
-
-def default_renew_before(ttl_seconds: int) -> float:
-    """40 % of the TTL, at most 5 minutes: with TTL t a session is minted every 0.6 t
-    seconds, which stays under 20 per minute for any TTL of 5 s or more."""
-    return min(0.4 * ttl_seconds, 300.0)
 
 
 class State(enum.Enum):
@@ -137,16 +132,7 @@ class SessionManager:
         clock: Clock | None = None,
     ) -> None:
         ttl = validate_ttl(broker.ttl_seconds)
-        if renew_before is None:
-            renew_before = default_renew_before(ttl)
-        if isinstance(renew_before, bool) or not isinstance(renew_before, (int, float)):
-            raise InvalidArgument("renew_before must be a number of seconds")
-        if not math.isfinite(renew_before):
-            raise InvalidArgument(f"renew_before must be a finite number, got {renew_before!r}")
-        if not 0 <= renew_before < ttl:
-            raise InvalidArgument(
-                f"renew_before must be >= 0 and below ttl_seconds ({ttl}), got {renew_before}"
-            )
+        renew_before = check_renew_before(renew_before, ttl)
         if on_renew is not None and not callable(on_renew):
             raise InvalidArgument("on_renew must be callable")
         if clock is not None and not callable(clock):

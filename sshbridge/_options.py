@@ -45,6 +45,22 @@ def default_renew_before(ttl_seconds: int) -> float:
     return min(0.4 * ttl_seconds, 300.0)
 
 
+def check_renew_before(value: object, ttl_seconds: int) -> float:
+    """Seconds before expiry to renew: a finite number in ``0 <= x < ttl``; None means
+    :func:`default_renew_before`."""
+    if value is None:
+        return default_renew_before(ttl_seconds)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument("renew_before must be a number of seconds")
+    if not math.isfinite(value):
+        raise InvalidArgument(f"renew_before must be a finite number, got {value!r}")
+    if not 0 <= value < ttl_seconds:
+        raise InvalidArgument(
+            f"renew_before must be >= 0 and below ttl_seconds ({ttl_seconds}), got {value}"
+        )
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SSHOptions:
     """Everything that shapes a connection to a sandbox (see :class:`SandboxSSH`)."""
@@ -91,17 +107,7 @@ class SSHOptions:
             "rate_limit_wait",
             validate_seconds("rate_limit_wait", self.rate_limit_wait, allow_zero=True),
         )
-        renew_before = self.renew_before
-        if renew_before is None:
-            renew_before = default_renew_before(ttl)  # checked, and kept as None
-        if isinstance(renew_before, bool) or not isinstance(renew_before, (int, float)):
-            raise InvalidArgument("renew_before must be a number of seconds")
-        if not math.isfinite(renew_before):
-            raise InvalidArgument(f"renew_before must be a finite number, got {renew_before!r}")
-        if not 0 <= renew_before < ttl:
-            raise InvalidArgument(
-                f"renew_before must be >= 0 and below ttl_seconds ({ttl}), got {renew_before}"
-            )
+        check_renew_before(self.renew_before, ttl)  # None stays None: derived from the TTL
         check_bool("auto_renew", self.auto_renew)
         if self.on_renew is not None and not callable(self.on_renew):
             raise InvalidArgument("on_renew must be callable")
