@@ -20,7 +20,7 @@ from typing import IO, Any, Protocol
 
 import paramiko
 
-from . import _transfer
+from . import _ranges, _transfer
 from ._exceptions import ConnectionLost, InvalidArgument, RemotePathError
 
 log = logging.getLogger("sshbridge.sftp")
@@ -421,26 +421,44 @@ def upload_file(
     with local_path.open("rb", buffering=0) as fl:
         st = os.fstat(fl.fileno())
         size, mode = st.st_size, stat_mod.S_IMODE(st.st_mode)
+        # A large file goes as byte ranges over several channels (see _ranges), whose
+        # setup overlaps this one's round trips.
+        crew = _ranges.Crew(source, _ranges.channels_for(size) - 1)
         try:
             with mapped(source, remote, "upload to") as client:
+                crew.launch()
                 target = _target_for_put(client, local_path, remote)
                 tmp = _transfer.temp_name(target, resume=resume)
-                start = _partial_size(client, tmp, size) if resume else 0
+                start = 0
+                if resume:
+                    start = _ranges.resume_from(_partial_size(client, tmp, size), size)
                 discard = not resume
                 try:
-                    fh = _transfer.open_for_upload(
-                        client, tmp, resume=bool(start),
-                        mode=create_mode(mode) if preserve_mode else None,
-                    )
+                    open_mode = create_mode(mode) if preserve_mode else None
+                    channels = crew.count + 1 if _ranges.channels_for(size - start) > 1 else 1
+                    if channels > 1:
+                        crew.aim_upload(tmp, create=not start, mode=open_mode)
                     try:
-                        fl.seek(start)
-                        stats = _transfer.upload(
-                            client, _transfer.handle_of(fh), fl.readinto, start=start, total=size,
-                            progress=callback,
+                        fh = _transfer.open_for_upload(
+                            client, tmp, resume=bool(start), mode=open_mode
                         )
-                    except BaseException:
-                        _quiet_close(fh)
-                        raise
+                        try:
+                            if channels > 1:
+                                stats = _ranges.upload(
+                                    crew, client, _transfer.handle_of(fh), fl.fileno(),
+                                    start=start, size=size, progress=callback,
+                                )
+                            else:
+                                fl.seek(start)
+                                stats = _transfer.upload(
+                                    client, _transfer.handle_of(fh), fl.readinto, start=start,
+                                    total=size, progress=callback,
+                                )
+                        except BaseException:
+                            _quiet_close(fh)
+                            raise
+                    finally:
+                        crew.cancel()
                     fh.close()
                     discard = True  # a complete partial that fails a check is bad
                     attrs = client.stat(tmp)
@@ -469,6 +487,8 @@ def upload_file(
                       attrs.st_mtime if sweep and fresh else None)
         except _transfer.LocalError as exc:
             raise exc.original from None
+        finally:
+            crew.cancel()
     return target
 
 
@@ -682,15 +702,29 @@ def download_file(
             if start > size:  # not a prefix of this file: start over
                 os.ftruncate(fd, 0)
                 start = 0
-            fh = client.open(remote, "rb")
+            start = _ranges.resume_from(start, size, download=True)
+            channels = _ranges.download_channels(size - start)
+            crew = _ranges.Crew(source, channels - 1)
+            crew.launch()
+            crew.aim_download(remote)
             try:
-                stats = _transfer.download(
-                    client, _transfer.handle_of(fh), _transfer.FdSink(fd), size=size, start=start,
-                    progress=callback, path=remote,
-                )
-            except BaseException:
-                _quiet_close(fh)
-                raise
+                fh = client.open(remote, "rb")
+                try:
+                    if channels > 1:
+                        stats = _ranges.download(
+                            crew, client, _transfer.handle_of(fh), _transfer.FdSink(fd),
+                            start=start, size=size, channels=channels, progress=callback,
+                        )
+                    else:
+                        stats = _transfer.download(
+                            client, _transfer.handle_of(fh), _transfer.FdSink(fd), size=size,
+                            start=start, progress=callback, path=remote,
+                        )
+                except BaseException:
+                    _quiet_close(fh)
+                    raise
+            finally:
+                crew.cancel()
             fh.close()
             discard = True
             if stats.end != size:

@@ -1,0 +1,424 @@
+"""Large files as byte ranges over several SFTP channels (sshbridge/_ranges.py).
+
+Against a throwaway OpenSSH sshd on loopback (a Link built directly, as in
+test_transfer.py: remote paths are local paths here), and against the emulator for a
+server that refuses extra channels. The engine functions are wrapped, never replaced,
+to see which channels moved bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from sshd_server import SSHDServer, find_sshd, start_sshd
+
+from sshbridge import ConnectionLost, RemotePathError, SandboxSSH, _ranges, _sftp, _transfer
+from sshbridge._hostkeys import PinFirstHostKey
+from sshbridge._link import Link
+from sshbridge._models import SidecarSSHSession
+from sshbridge._transport import generate_key
+from sshbridge.emulator import Emulator
+
+if find_sshd() is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the bulk transfer tests, but sshd is not installed")
+    pytest.skip("OpenSSH sshd is not installed (apt-get install openssh-server)",
+                allow_module_level=True)  # fmt: skip
+
+pytestmark = pytest.mark.timeout(180)
+
+MIB = 1024 * 1024
+
+
+def _link_to(server: SSHDServer) -> Link:
+    key = generate_key()
+    server.add_authorized_key(key.public_line)
+    session = SidecarSSHSession(
+        session_id=server.username, exposure_id="e", sandbox_id="sbx", host=server.host,
+        port=server.port, external_endpoint="x",
+        expires_at=datetime.now(timezone.utc) + timedelta(hours=1), ttl_seconds=3600,
+        gateway_url="http://x/", user_ns="u", job_id="j", token=SecretStr("t"),
+    )
+    link = Link(
+        session, key, sandbox_id="sbx", policy=PinFirstHostKey(),
+        expires_monotonic=time.monotonic() + 3600, keepalive=15, connect_timeout=10,
+        max_connections=4,
+    )
+    link.connect()
+    return link
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDServer]:
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))  # MaxSessions 10, as shipped
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def link(sshd: SSHDServer) -> Iterator[Link]:
+    lk = _link_to(sshd)
+    yield lk
+    lk.close()
+
+
+@pytest.fixture
+def rdir(sshd: SSHDServer, request: pytest.FixtureRequest) -> Path:
+    d = sshd.home / f"b-{request.node.name[:40]}-{os.urandom(3).hex()}"
+    d.mkdir()
+    return d
+
+
+def _random_file(path: Path, size: int) -> str:
+    """Random bytes (every 1 MiB different), written in pieces; returns the sha256."""
+    h = hashlib.sha256()
+    with path.open("wb") as fh:
+        left = size
+        while left:
+            piece = os.urandom(min(MIB, left))
+            h.update(piece)
+            fh.write(piece)
+            left -= len(piece)
+    return h.hexdigest()
+
+
+def _sha(path: Path) -> str:
+    return _transfer.local_sha256(path)
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if ".sshbridge" in n)
+
+
+def _channels_used(monkeypatch: pytest.MonkeyPatch, name: str) -> dict[int, int]:
+    """Wrap the engine's block loop ``name``: which clients ran it, how often."""
+    used: dict[int, int] = {}
+    real = getattr(_transfer, name)
+
+    def wrapper(client: Any, *args: Any, **kwargs: Any) -> Any:
+        used[id(client)] = used.get(id(client), 0) + 1
+        return real(client, *args, **kwargs)
+
+    monkeypatch.setattr(_transfer, name, wrapper)
+    return used
+
+
+def _record(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[Any]:
+    calls: list[Any] = []
+    real = getattr(module, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        stats = real(*args, **kwargs)
+        calls.append(stats)
+        return stats
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+class Boom(Exception):
+    pass
+
+
+def _raise_after(limit: int) -> Callable[[int, int], None]:
+    def cb(done: int, total: int) -> None:
+        if done >= limit:
+            raise Boom(f"stop at {done}")
+
+    return cb
+
+
+# -- choosing the channels ------------------------------------------------------------------
+
+
+def test_channel_count_follows_the_size() -> None:
+    assert _ranges.channels_for(0) == 1
+    assert _ranges.channels_for(_ranges.PARALLEL_MIN - 1) == 1
+    assert _ranges.channels_for(_ranges.PARALLEL_MIN) == 2
+    assert _ranges.channels_for(1 << 40) == _ranges.MAX_CHANNELS
+    # Resumes start SKEW back only where a parallel transfer may have left gaps.
+    assert _ranges.resume_from(5 * MIB, 10 * MIB) == 5 * MIB
+    assert _ranges.resume_from(60 * MIB, 100 * MIB) == 60 * MIB - _ranges.SKEW
+    assert _ranges.resume_from(10 * MIB, 100 * MIB) == 0
+    assert _ranges.resume_from(60 * MIB, 100 * MIB, download=True) == 60 * MIB
+
+
+def test_plan_hands_out_in_order_within_the_skew() -> None:
+    plan = _ranges.Plan(0, 100, skew=30)
+    assert plan.take(10) == (0, 10)
+    assert plan.take(10) == (10, 10)
+    assert plan.take(10) == (20, 10)
+    assert plan.take(10) is None  # 30..40 would pass 0 + 30
+    plan.done(10, 10)
+    assert plan.take(10) is None  # 0..10 still open
+    plan.done(0, 4)  # a short answer: 4..10 asked again
+    assert plan.written() == 4 and plan.take(4) == (30, 4)
+    plan.done(4, 6)
+    assert plan.written() == 20
+    plan.cut(32)  # the file ended there
+    assert plan.take(10) is None and not plan.wait()
+    plan.done(20, 10)
+    plan.done(30, 2)
+    assert plan.written() == 32 and plan.moved == 32
+
+
+# -- byte-exact both ways ---------------------------------------------------------------------
+
+
+def test_parallel_ranges_round_trip_byte_exact(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "big.bin"
+    digest = _random_file(src, 40 * MIB + 12345)
+    used = _channels_used(monkeypatch, "write_blocks")
+    seen: list[tuple[int, int]] = []
+    _sftp.put(link, src, str(rdir / "big.bin"), callback=lambda d, t: seen.append((d, t)))
+    assert _sha(rdir / "big.bin") == digest
+    assert len(used) >= 2, "the upload stayed on one channel"
+    assert seen[-1] == (src.stat().st_size, src.stat().st_size)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert _leftovers(rdir) == []
+
+    # Downloads stay on one channel by default; with several they reassemble exactly.
+    for channels in (1, 3):
+        monkeypatch.setattr(_ranges, "DOWNLOAD_CHANNELS", channels)
+        readers = _channels_used(monkeypatch, "read_blocks")
+        back = tmp_path / f"back-{channels}.bin"
+        _sftp.get(link, str(rdir / "big.bin"), back)
+        assert _sha(back) == digest
+        if channels == 1:
+            assert readers == {}  # the plain path
+        else:
+            assert len(readers) >= 2, "the download stayed on one channel"
+        monkeypatch.undo()
+    assert _leftovers(tmp_path) == []
+
+
+def test_small_files_stay_on_one_channel(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "small.bin"
+    digest = _random_file(src, 3 * MIB)
+    used = _channels_used(monkeypatch, "write_blocks")
+    calls = _record(monkeypatch, _transfer, "upload")
+    _sftp.put(link, src, str(rdir / "small.bin"))
+    assert _sha(rdir / "small.bin") == digest
+    assert used == {} and len(calls) == 1
+
+
+def test_sha256_verify_on_parallel_transfers(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "v.bin"
+    digest = _random_file(src, 36 * MIB)
+    monkeypatch.setattr(_ranges, "DOWNLOAD_CHANNELS", 2)
+    _sftp.put(link, src, str(rdir / "v.bin"), verify="sha256")
+    _sftp.get(link, str(rdir / "v.bin"), tmp_path / "v-back.bin", verify="sha256")
+    assert _sha(rdir / "v.bin") == digest == _sha(tmp_path / "v-back.bin")
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+
+def test_resume_after_a_cut_parallel_upload(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "r.bin"
+    size = 72 * MIB + 999
+    digest = _random_file(src, size)
+    target = rdir / "r.bin"
+    part = rdir / ".r.bin.sshbridge.part"
+    with link.sftp() as client:
+        chan = client.get_channel()
+        assert chan is not None
+        transport = chan.get_transport()
+
+    def cut(done: int, total: int) -> None:
+        if done >= 50 * MIB:
+            transport.close()  # every channel of this connection at once
+
+    with pytest.raises(ConnectionLost):
+        _sftp.put(link, src, str(target), callback=cut, resume=True)
+    assert not target.exists() and part.exists()
+    kept = part.stat().st_size
+    assert 50 * MIB <= kept <= size
+
+    link.connect()
+    calls = _record(monkeypatch, _ranges, "upload")
+    _sftp.put(link, src, str(target), resume=True, verify="sha256")
+    assert _sha(target) == digest and not part.exists()
+    (stats,) = calls
+    # Gaps are possible only in the last SKEW bytes of the partial: it starts there
+    # (or later: writes already sent on the cut connection may still have landed).
+    assert stats.start >= kept - _ranges.SKEW > 0
+    assert stats.sent == size - stats.start
+    assert _leftovers(rdir) == []
+
+
+def test_resume_after_an_interrupted_parallel_upload_with_the_connection_up(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "i.bin"
+    size = 64 * MIB
+    digest = _random_file(src, size)
+    with pytest.raises(Boom):
+        _sftp.put(link, src, str(rdir / "i.bin"), callback=_raise_after(45 * MIB), resume=True)
+    part = rdir / ".i.bin.sshbridge.part"
+    assert part.stat().st_size >= 45 * MIB
+    kept = part.stat().st_size
+    # What is left may be small enough for one channel: either path counts.
+    parallel = _record(monkeypatch, _ranges, "upload")
+    single = _record(monkeypatch, _transfer, "upload")
+    _sftp.put(link, src, str(rdir / "i.bin"), resume=True)
+    assert _sha(rdir / "i.bin") == digest
+    (stats,) = parallel + single
+    assert stats.start == kept - _ranges.SKEW > 0 and stats.sent == size - stats.start
+    assert _leftovers(rdir) == []
+
+
+def test_resume_after_an_interrupted_parallel_download(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = rdir / "d.bin"
+    size = 64 * MIB + 5
+    digest = _random_file(remote, size)
+    monkeypatch.setattr(_ranges, "DOWNLOAD_CHANNELS", 4)
+    dest = tmp_path / "d.bin"
+    with pytest.raises(Boom):
+        _sftp.get(link, str(remote), dest, callback=_raise_after(45 * MIB), resume=True)
+    part = tmp_path / ".d.bin.sshbridge.part"
+    kept = part.stat().st_size
+    assert not dest.exists() and kept >= 45 * MIB
+    parallel = _record(monkeypatch, _ranges, "download")
+    single = _record(monkeypatch, _transfer, "download")
+    _sftp.get(link, str(remote), dest, resume=True, verify="sha256")
+    assert _sha(dest) == digest and not part.exists()
+    (stats,) = parallel + single
+    assert stats.start == kept - _ranges.SKEW and stats.sent == size - stats.start
+
+
+def test_a_file_that_shrinks_under_a_parallel_upload_is_refused(
+    link: Link, rdir: Path, tmp_path: Path
+) -> None:
+    """A local file that shrinks under the upload: the size check refuses it, and the
+    temporary file goes; the old target stays."""
+    src = tmp_path / "s.bin"
+    _random_file(src, 48 * MIB)
+    (rdir / "s.bin").write_bytes(b"old")
+
+    def shrink(done: int, total: int) -> None:
+        if done >= 8 * MIB:
+            os.truncate(src, 20 * MIB)
+
+    with pytest.raises(RemotePathError, match="bytes") as info:
+        _sftp.put(link, src, str(rdir / "s.bin"), callback=shrink)
+    assert "nothing was put in place" in str(info.value)
+    assert (rdir / "s.bin").read_bytes() == b"old"
+    assert _leftovers(rdir) == []
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+_MEMORY_SCRIPT = r"""
+import json, os, sys, time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from pydantic import SecretStr
+from sshbridge import _sftp
+from sshbridge._hostkeys import PinFirstHostKey
+from sshbridge._link import Link
+from sshbridge._models import SidecarSSHSession
+from sshbridge._transport import generate_key
+
+host, port, user, keys, work, remote, size = sys.argv[1:8]
+size = int(size)
+key = generate_key()
+with open(keys, "a", encoding="utf-8") as fh:
+    fh.write(key.public_line + "\n")
+session = SidecarSSHSession(
+    session_id=user, exposure_id="e", sandbox_id="sbx", host=host, port=int(port),
+    external_endpoint="x", expires_at=datetime.now(timezone.utc) + timedelta(hours=1),
+    ttl_seconds=3600, gateway_url="http://x/", user_ns="u", job_id="j", token=SecretStr("t"),
+)
+link = Link(session, key, sandbox_id="sbx", policy=PinFirstHostKey(),
+            expires_monotonic=time.monotonic() + 3600, keepalive=15, connect_timeout=10,
+            max_connections=4)
+link.connect()
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+src = Path(work) / "src.bin"
+block = os.urandom(1 << 20)
+with open(src, "wb") as fh:
+    for _ in range(size >> 20):
+        fh.write(block)
+warm = Path(work) / "warm.bin"
+warm.write_bytes(block * 40)  # threads, channels and buffers exist before the baseline
+_sftp.put(link, warm, remote + ".warm")
+_sftp.get(link, remote + ".warm", Path(work) / "warm-back.bin")
+before = hwm()
+_sftp.put(link, src, remote)
+after_put = hwm()
+_sftp.get(link, remote, Path(work) / "back.bin")
+after_get = hwm()
+link.close()
+print(json.dumps({"before": before, "put": after_put - before, "get": after_get - after_put,
+                  "total": after_get - before}))
+"""
+
+
+def test_memory_stays_flat_for_a_large_transfer(
+    sshd: SSHDServer, rdir: Path, tmp_path: Path
+) -> None:
+    # 256 MiB keeps the suite quick; SSHBRIDGE_BULK_MIB=1024 checks a full GiB.
+    size = int(os.environ.get("SSHBRIDGE_BULK_MIB", "256")) * MIB
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, sshd.host, str(sshd.port), sshd.username,
+         str(sshd.authorized_keys_file), str(tmp_path), str(rdir / "big.bin"), str(size)],
+        capture_output=True, text=True, timeout=170, env=env, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    growth = json.loads(out.stdout.strip().splitlines()[-1])
+    assert growth["total"] < 64 * MIB, growth
+    assert (rdir / "big.bin").stat().st_size == size
+    assert _sha(rdir / "big.bin") == _sha(tmp_path / "back.bin")
+
+
+# -- a server that refuses extra channels -------------------------------------------------------
+
+
+@pytest.mark.parametrize("contract", ["vm"])
+def test_upload_falls_back_to_one_channel_when_extra_ones_are_refused(
+    emu: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emu.max_channels_per_connection = 1
+    src = tmp_path / "f.bin"
+    digest = _random_file(src, 40 * MIB)
+    used = _channels_used(monkeypatch, "write_blocks")
+    sandbox = emu.create_sandbox()
+    with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url,
+                    max_connections=1) as shell:
+        # One channel in all: the others are refused, and the upload does not wait.
+        shell.put(src, "f.bin")
+        assert len(used) == 1  # only the caller's channel moved bytes
+        emu.max_channels_per_connection = None
+        shell.get("f.bin", tmp_path / "back.bin")
+    assert _sha(tmp_path / "back.bin") == digest
