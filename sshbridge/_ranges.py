@@ -144,6 +144,10 @@ class Plan:
                     self._open[off] = at
             self._changed.notify_all()
 
+    def exhausted(self) -> bool:
+        with self._lock:
+            return self.error is not None or self.next >= self.end
+
     def fail(self, exc: BaseException) -> None:
         with self._lock:
             if self.error is None:
@@ -281,9 +285,11 @@ def upload(
     start: int,
     size: int,
     progress: _transfer.Progress | None = None,
+    tail: _transfer.Tail | None = None,
 ) -> _transfer.TransferStats:
     """Write the local file ``fd`` from ``start`` to ``size`` into the open remote file
-    (``handle`` on ``client``), together with the channels of ``crew``."""
+    (``handle`` on ``client``), together with the channels of ``crew``. ``tail`` goes
+    behind the caller's channel's last WRITE (see write_blocks)."""
     t0 = time.perf_counter()
     plan = Plan(start, size)
     # One server: the limits asked on the caller's channel hold on the others.
@@ -297,7 +303,8 @@ def upload(
             progress(start + plan.moved, size)
 
     def work(c: paramiko.SFTPClient, h: bytes, t: Callable[[], None] | None) -> None:
-        _transfer.write_blocks(c, h, plan, read_at, block=block, depth=WRITE_DEPTH, tick=t)
+        _transfer.write_blocks(c, h, plan, read_at, block=block, depth=WRITE_DEPTH, tick=t,
+                               tail=tail if c is client else None)
 
     _run(crew, plan, work, client, handle, tick)
     return _transfer.TransferStats(start, plan.written(), plan.moved, time.perf_counter() - t0)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import paramiko
+from paramiko.sftp import CMD_HANDLE, SFTP_OP_UNSUPPORTED
 
 from . import _ranges, _transfer
 from ._exceptions import ConnectionLost, InvalidArgument, RemotePathError
@@ -295,15 +296,15 @@ def tidy(
             if directory in seen:
                 return
             seen.add(directory)
-        for attrs in client.listdir_attr(directory or "."):
+        for name, attrs in _transfer.list_dir(client, directory or "."):
             if (
-                _TEMP_NAME.fullmatch(attrs.filename)
-                and stat_mod.S_ISREG(attrs.st_mode or 0)
-                and attrs.st_mtime is not None
-                and server_now - attrs.st_mtime >= STALE_AGE
+                _TEMP_NAME.fullmatch(name)
+                and stat_mod.S_ISREG(attrs.mode or 0)
+                and attrs.mtime is not None
+                and server_now - attrs.mtime >= STALE_AGE
             ):
                 with contextlib.suppress(OSError):
-                    client.remove(posixpath.join(directory, attrs.filename))
+                    client.remove(posixpath.join(directory, name))
     except Exception as exc:  # noqa: BLE001
         log.debug("tidying %r after an upload failed: %s", directory, exc)
 
@@ -353,10 +354,10 @@ def create_mode(mode: int) -> int:
 
 
 def _apply_mode(
-    client: paramiko.SFTPClient, path: str, mode: int, attrs: paramiko.SFTPAttributes,
+    client: paramiko.SFTPClient, path: str, mode: int, st_mode: int | None,
     notes: list[str],
 ) -> None:
-    have = None if attrs.st_mode is None else stat_mod.S_IMODE(attrs.st_mode)
+    have = None if st_mode is None else stat_mod.S_IMODE(st_mode)
     if have == mode:
         return  # the create mode was enough: no SETSTAT needed
     try:
@@ -364,6 +365,87 @@ def _apply_mode(
     except _transfer.SFTPStatusError as exc:
         now = "unknown" if have is None else f"{have:04o}"
         notes.append(f"mode {mode:04o} not set, the file has {now} ({exc})")
+
+
+def _open_new(
+    source: SFTPSource, client: paramiko.SFTPClient, local: Path, remote: str,
+    mode: int | None,
+) -> tuple[str, str, bytes]:
+    """The target, temporary file and open handle of a new upload to ``remote``.
+
+    Whether ``remote`` is a directory is asked together with the OPEN of the temporary
+    file it needs if it is not; if it is, that file is closed and removed, and the one
+    inside opened, in one more round trip.
+    """
+    # A client's first transfer also asks the server's request sizes, in the same trip.
+    ask_limits = _transfer.cached_limits(client) is None
+    extra = [_transfer.limits_request()] if ask_limits else []
+    if remote.endswith("/"):
+        target = posixpath.join(remote, local.name)
+        tmp = _transfer.temp_name(target, resume=False)
+        only = _transfer.exchange(
+            client, [_transfer.open_request(tmp, resume=False, mode=mode), *extra])
+        if ask_limits:
+            _transfer.remember_limits(client, *only[1])
+        return target, tmp, _transfer.handle_answer(*only[0], "an OPEN")
+    tmp = _transfer.temp_name(remote, resume=False)
+    answers = _transfer.exchange(client, [
+        _transfer.stat_request(remote), _transfer.open_request(tmp, resume=False, mode=mode),
+        *extra,
+    ])
+    if ask_limits:
+        _transfer.remember_limits(client, *answers[2])
+    (kind, body), opened = answers[0], answers[1]
+    try:
+        is_dir = stat_mod.S_ISDIR(_transfer.attrs_answer(kind, body, "a STAT").mode or 0)
+    except OSError:
+        is_dir = False  # absent (or not ours to see): the target is that name
+    if not is_dir:
+        return remote, tmp, _transfer.handle_answer(*opened, "an OPEN")
+    target = posixpath.join(remote, local.name)
+    inside = _transfer.temp_name(target, resume=False)
+    requests = [_transfer.open_request(inside, resume=False, mode=mode)]
+    stray = opened[0] == CMD_HANDLE
+    if stray:
+        wrong = _transfer.handle_answer(*opened, "an OPEN")
+        requests = [_transfer.close_request(wrong), _transfer.remove_request(tmp), *requests]
+    try:
+        answers = _transfer.exchange(client, requests)
+        if stray:
+            _transfer.status_answer(*answers[1], "a REMOVE")
+    except BaseException:
+        if stray:
+            _discard(source, client, tmp)
+        raise
+    return target, inside, _transfer.handle_answer(*answers[-1], "an OPEN")
+
+
+def _finished(
+    client: paramiko.SFTPClient, tail: _transfer.Tail, tmp: str
+) -> tuple[_transfer.FileAttrs, bool]:
+    """The answers to finish_requests: the temporary file's attributes (raising what the
+    FSTAT or CLOSE met), and whether the FSETSTAT set the mode."""
+    answers = tail.answers
+    try:
+        attrs: _transfer.FileAttrs | None = _transfer.attrs_answer(*answers[0], "an FSTAT")
+    except _transfer.SFTPStatusError as exc:
+        if exc.code != SFTP_OP_UNSUPPORTED:
+            raise
+        attrs = None  # a server without FSTAT: the path is asked once the file is closed
+    _transfer.status_answer(*answers[-1], "a CLOSE")
+    if attrs is None:
+        stat = _transfer.exchange(client, [_transfer.stat_request(tmp)])[0]
+        attrs = _transfer.attrs_answer(*stat, "a STAT")
+    if len(answers) < 3:
+        return attrs, False
+    try:
+        _transfer.status_answer(*answers[1], "an FSETSTAT")
+    except _transfer.SFTPStatusError as exc:
+        # Some servers take SETSTAT on a path but not FSETSTAT on a handle: the caller
+        # tries that (and reports what it says).
+        _transfer.note_unsupported(client, "fsetstat", exc)
+        return attrs, False
+    return attrs, True
 
 
 def put(
@@ -427,42 +509,68 @@ def upload_file(
         try:
             with mapped(source, remote, "upload to") as client:
                 crew.launch()
-                target = _target_for_put(client, local_path, remote)
-                tmp = _transfer.temp_name(target, resume=resume)
+                open_mode = create_mode(mode) if preserve_mode else None
+                handle: bytes | None = None
                 start = 0
                 if resume:
+                    target = _target_for_put(client, local_path, remote)
+                    tmp = _transfer.temp_name(target, resume=True)
                     start = _ranges.resume_from(_partial_size(client, tmp, size), size)
+                else:
+                    target, tmp, handle = _open_new(source, client, local_path, remote,
+                                                    open_mode)
                 discard = not resume
                 try:
-                    open_mode = create_mode(mode) if preserve_mode else None
                     channels = crew.count + 1 if _ranges.channels_for(size - start) > 1 else 1
                     if channels > 1:
                         crew.aim_upload(tmp, create=not start, mode=open_mode)
+                    # The mode goes with the size check unless a checksum is to be taken
+                    # first (a mode without read permission would stop it).
+                    set_mode = (preserve_mode and verify != "sha256"
+                                and not _transfer.refused_before(client, "fsetstat"))
+                    tail: _transfer.Tail | None = None
                     try:
-                        fh = _transfer.open_for_upload(
-                            client, tmp, resume=bool(start), mode=open_mode
-                        )
-                        try:
-                            if channels > 1:
-                                stats = _ranges.upload(
-                                    crew, client, _transfer.handle_of(fh), fl.fileno(),
-                                    start=start, size=size, progress=callback,
-                                )
-                            else:
-                                fl.seek(start)
-                                stats = _transfer.upload(
-                                    client, _transfer.handle_of(fh), fl.readinto, start=start,
-                                    total=size, progress=callback,
-                                )
-                        except BaseException:
-                            _quiet_close(fh)
-                            raise
+                        if handle is None:
+                            handle = _transfer.handle_answer(*_transfer.exchange(client, [
+                                _transfer.open_request(tmp, resume=bool(start), mode=open_mode)
+                            ])[0], "an OPEN")
+                        tail = _transfer.Tail(
+                            _transfer.finish_requests(handle, mode if set_mode else None))
+                        if channels > 1:
+                            # The tail goes behind this channel's last WRITE; the
+                            # other channels' writes may land after its FSTAT, which
+                            # is then asked again below, all writes in.
+                            stats = _ranges.upload(
+                                crew, client, handle, fl.fileno(),
+                                start=start, size=size, progress=callback,
+                                tail=None if resume else tail,
+                            )
+                            if not tail.sent:
+                                tail.sent = True
+                                tail.answers = _transfer.exchange(client, tail.requests)
+                        else:
+                            fl.seek(start)
+                            # A kept partial is closed only once every write is in: its
+                            # mode must still let the next attempt write.
+                            stats = _transfer.upload(
+                                client, handle, fl.readinto, start=start, total=size,
+                                progress=callback, tail=None if resume else tail,
+                            )
+                            if not tail.sent:
+                                tail.sent = True
+                                tail.answers = _transfer.exchange(client, tail.requests)
+                    except BaseException:
+                        if handle is not None and (tail is None or not tail.sent):
+                            _transfer.close_quietly(client, handle)
+                        raise
                     finally:
                         crew.cancel()
-                    fh.close()
                     discard = True  # a complete partial that fails a check is bad
-                    attrs = client.stat(tmp)
-                    written = attrs.st_size
+                    attrs, mode_set = _finished(client, tail, tmp)
+                    if channels > 1 and attrs.size != size:
+                        stat = _transfer.exchange(client, [_transfer.stat_request(tmp)])[0]
+                        attrs = _transfer.attrs_answer(*stat, "a STAT")
+                    written = attrs.size
                     if written != size or stats.end != size:
                         raise RemotePathError(
                             f"upload to {target!r}: the sandbox has {written} bytes but the "
@@ -473,8 +581,8 @@ def upload_file(
                     if verify == "sha256":
                         _verify_remote(source, tmp, lambda: _transfer.local_sha256(local_path),
                                        size, f"upload to {target!r}", target)
-                    if preserve_mode:
-                        _apply_mode(client, tmp, mode, attrs, notes)
+                    if preserve_mode and not mode_set:
+                        _apply_mode(client, tmp, mode, attrs.mode, notes)
                     rename_into_place(source, client, tmp, target)
                 except BaseException:
                     if discard:
@@ -483,8 +591,9 @@ def upload_file(
                 # The temporary file's mtime is the server's "now", unless nothing was
                 # written to a kept partial.
                 fresh = stats.sent > 0 or not start
+                now = attrs.mtime if sweep and fresh else None
                 tidy(source, client, posixpath.dirname(target),
-                      attrs.st_mtime if sweep and fresh else None)
+                     None if now is None else float(now))
         except _transfer.LocalError as exc:
             raise exc.original from None
         finally:
@@ -537,7 +646,7 @@ def putfo(
                     _verify_remote(source, tmp, lambda: digest, stats.end,
                                    f"upload to {remote!r}", remote)
                 if mode is not None:
-                    _apply_mode(client, tmp, stat_mod.S_IMODE(mode), attrs, notes)
+                    _apply_mode(client, tmp, stat_mod.S_IMODE(mode), attrs.st_mode, notes)
                 rename_into_place(source, client, tmp, remote)
             except BaseException:
                 _discard(source, client, tmp)

@@ -8,8 +8,9 @@ reused buffer, READs batched into one send, and responses parsed straight out of
 whole-buffer drains of the channel. While a download runs, the channel's pipe is a
 list-based one that wakes the reader only once a whole answer can be there.
 
-For single files only bulk READ/WRITE go through the engine; open, close, stat and
-rename stay with paramiko. Directory trees (``_trees``) send every request on the same
+For a single file's upload the engine also sends the few requests around the data,
+together where they need no answer of each other (``exchange``, ``Tail``); rename and
+the rest stay with paramiko. Directory trees (``_trees``) send every request on the same
 wire, many files in flight. Request ids come from the client's own counter, and every
 request the engine sends is answered before the client is used again (or its channel is
 closed, so the pool drops it): paramiko's framing is never left in the middle of a packet.
@@ -29,7 +30,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +39,22 @@ from typing import IO, TYPE_CHECKING, Literal, Protocol
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
+    CMD_FSETSTAT,
+    CMD_FSTAT,
     CMD_HANDLE,
+    CMD_NAME,
     CMD_OPEN,
+    CMD_OPENDIR,
     CMD_READ,
+    CMD_READDIR,
+    CMD_REMOVE,
     CMD_SETSTAT,
+    CMD_STAT,
     CMD_STATUS,
     CMD_WRITE,
     SFTP_DESC,
@@ -579,6 +589,178 @@ def request(client: paramiko.SFTPClient, kind: int, payload: bytes) -> tuple[int
     return answer, bytes(body)
 
 
+def exchange(
+    client: paramiko.SFTPClient, requests: Sequence[tuple[int, bytes]]
+) -> list[tuple[int, bytes]]:
+    """Send ``requests`` (type, payload) in one go and return their answers in the same
+    order: one round trip for requests that need no answer of each other."""
+    wire = Wire(client)
+    parts: list[bytes] = []
+    ids: list[tuple[int, Span]] = []
+    for i, (kind, payload) in enumerate(requests):
+        rid = wire.next_id()
+        parts.append(_HDR.pack(5 + len(payload), kind, rid) + payload)
+        ids.append((rid, (i, 0)))
+    answers: list[tuple[int, bytes]] = [(0, b"")] * len(requests)
+    try:
+        wire.send(b"".join(parts), *ids)
+        while wire.waiting:
+            reply = wire.reply()
+            assert reply is not None
+            kind, (i, _n), body = reply
+            answers[i] = (kind, bytes(body))
+    except BaseException:
+        wire.settle()
+        raise
+    return answers
+
+
+@dataclass(frozen=True)
+class FileAttrs:
+    """What an ATTRS answer says (None: not given)."""
+
+    size: int | None
+    mode: int | None
+    mtime: int | None
+
+
+def _attrs_at(body: bytes, pos: int) -> tuple[FileAttrs, int]:
+    flags = _U32.unpack_from(body, pos)[0]
+    pos, size, mode, mtime = pos + 4, None, None, None
+    if flags & 0x1:
+        size = struct.unpack_from(">Q", body, pos)[0]
+        pos += 8
+    if flags & 0x2:
+        pos += 8  # uid, gid
+    if flags & _ATTR_PERMISSIONS:
+        mode = _U32.unpack_from(body, pos)[0]
+        pos += 4
+    if flags & _ATTR_ACMODTIME:
+        mtime = _U32.unpack_from(body, pos + 4)[0]
+        pos += 8
+    if flags & 0x80000000:  # extended pairs: skipped
+        count = _U32.unpack_from(body, pos)[0]
+        pos += 4
+        for _ in range(2 * count):
+            pos += 4 + _U32.unpack_from(body, pos)[0]
+    return FileAttrs(size, mode, mtime), pos
+
+
+def attrs_answer(answer: int, body: bytes, what: str) -> FileAttrs:
+    """The attributes in the answer to a STAT or FSTAT; raises its refusal."""
+    if answer != CMD_ATTRS:
+        _raise_status(answer, body, what)
+        raise OSError(f"SFTP server answered {what} with an OK status and no attributes")
+    try:
+        return _attrs_at(body, 0)[0]
+    except struct.error:
+        raise OSError(f"SFTP server sent malformed attributes for {what}") from None
+
+
+def list_dir(client: paramiko.SFTPClient, path: str) -> list[tuple[str, FileAttrs]]:
+    """The entries of directory ``path``. The READDIRs go three at a time with the
+    CLOSE behind them (two round trips for the directories uploads land in); a longer
+    listing is read again the plain way."""
+    handle = handle_answer(*exchange(client, [(CMD_OPENDIR, _string(path))])[0], "an OPENDIR")
+    h = _string(handle)
+    answers = exchange(client, [(CMD_READDIR, h)] * 3 + [(CMD_CLOSE, h)])
+    entries: list[tuple[str, FileAttrs]] = []
+    try:
+        for kind, body in answers[:3]:
+            if kind != CMD_NAME:
+                code, text = parse_status(memoryview(body)) if kind == CMD_STATUS else (4, "")
+                if code == SFTP_EOF:
+                    return entries
+                raise status_error(code, text or f"READDIR answered with packet type {kind}")
+            pos = 4
+            for _ in range(_U32.unpack_from(body, 0)[0]):
+                n = _U32.unpack_from(body, pos)[0]
+                name = body[pos + 4 : pos + 4 + n].decode("utf-8", "surrogateescape")
+                pos += 4 + n
+                pos += 4 + _U32.unpack_from(body, pos)[0]  # longname
+                attrs, pos = _attrs_at(body, pos)
+                entries.append((name, attrs))
+    except struct.error:
+        raise OSError(f"SFTP server sent a malformed listing of {path!r}") from None
+    return [(a.filename, FileAttrs(a.st_size, a.st_mode, None if a.st_mtime is None
+                                   else int(a.st_mtime)))
+            for a in client.listdir_attr(path)]
+
+
+def handle_answer(answer: int, body: bytes, what: str) -> bytes:
+    """The handle in the answer to an OPEN; raises its refusal."""
+    if answer != CMD_HANDLE:
+        _raise_status(answer, body, what)
+        raise OSError(f"SFTP server answered {what} with an OK status and no handle")
+    n = _U32.unpack_from(body, 0)[0]
+    return body[4 : 4 + n]
+
+
+def status_answer(answer: int, body: bytes, what: str) -> None:
+    """Raises the refusal in a STATUS answer (SFTPStatusError), if it is one."""
+    _raise_status(answer, body, what)
+
+
+def close_quietly(client: paramiko.SFTPClient, handle: bytes) -> None:
+    """CLOSE a raw handle after a failure, whatever the answer (or the channel) does."""
+    with contextlib.suppress(Exception):
+        request(client, CMD_CLOSE, _string(handle))
+
+
+def limits_request() -> tuple[int, bytes]:
+    """limits@openssh.com, for exchange; its answer goes to remember_limits."""
+    return CMD_EXTENDED, LIMITS_REQUEST
+
+
+def stat_request(path: str) -> tuple[int, bytes]:
+    return CMD_STAT, _string(path)
+
+
+def open_request(path: str, *, resume: bool, mode: int | None) -> tuple[int, bytes]:
+    return CMD_OPEN, upload_open_payload(path, resume=resume, mode=mode)
+
+
+def close_request(handle: bytes) -> tuple[int, bytes]:
+    return CMD_CLOSE, _string(handle)
+
+
+def remove_request(path: str) -> tuple[int, bytes]:
+    return CMD_REMOVE, _string(path)
+
+
+def finish_requests(handle: bytes, mode: int | None) -> list[tuple[int, bytes]]:
+    """FSTAT (the size check), FSETSTAT of ``mode`` if given, CLOSE: one handle's
+    requests, which servers run in order, so they can go right behind its WRITEs."""
+    h = _string(handle)
+    requests = [(CMD_FSTAT, h)]
+    if mode is not None:
+        requests.append((CMD_FSETSTAT, h + encode_attrs(mode)))
+    requests.append((CMD_CLOSE, h))
+    return requests
+
+
+def note_unsupported(client: paramiko.SFTPClient, what: str, exc: SFTPStatusError) -> None:
+    """Remember a server's OP_UNSUPPORTED for ``what`` on this connection."""
+    transport = transport_of(client)
+    if exc.code == SFTP_OP_UNSUPPORTED and transport is not None:
+        unsupported_error[what].add(transport)
+
+
+def refused_before(client: paramiko.SFTPClient, what: str) -> bool:
+    transport = transport_of(client)
+    return transport is not None and transport in unsupported_error[what]
+
+
+@dataclass
+class Tail:
+    """Requests ``upload`` sends right behind the last WRITE on the same handle (the
+    server runs them after every write), and their answers, in order."""
+
+    requests: Sequence[tuple[int, bytes]]
+    answers: list[tuple[int, bytes]] = field(default_factory=list)
+    sent: bool = False
+
+
 def _raise_status(answer: int, body: bytes, what: str) -> None:
     if answer != CMD_STATUS:
         raise OSError(f"SFTP server answered {what} with packet type {answer}")
@@ -591,6 +773,7 @@ def _raise_status(answer: int, body: bytes, what: str) -> None:
 # on such a server would pay a round trip per file for the same answer).
 unsupported_error: dict[str, weakref.WeakSet[paramiko.Transport]] = {
     "setstat": weakref.WeakSet(),
+    "fsetstat": weakref.WeakSet(),
     "posix-rename": weakref.WeakSet(),
 }
 
@@ -630,17 +813,22 @@ def posix_rename(client: paramiko.SFTPClient, old: str, new: str) -> None:
     _status_request(client, "posix-rename", CMD_EXTENDED, payload)
 
 
-def open_for_upload(
-    client: paramiko.SFTPClient, path: str, *, resume: bool, mode: int | None
-) -> paramiko.SFTPFile:
-    """Open ``path`` for writing: a new or truncated file created with ``mode`` (the
-    server's umask applies), or with ``resume`` the kept partial, which must exist (a
-    vanished partial must not come back as an empty file to write past)."""
+def upload_open_payload(path: str, *, resume: bool, mode: int | None) -> bytes:
+    """The OPEN of ``path`` for writing: a new or truncated file created with ``mode``
+    (the server's umask applies), or with ``resume`` the kept partial, which must exist
+    (a vanished partial must not come back as an empty file to write past)."""
     if resume:
         flags = SFTP_FLAG_READ | SFTP_FLAG_WRITE
     else:
         flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
-    payload = _string(path) + _U32.pack(flags) + encode_attrs(None if resume else mode)
+    return _string(path) + _U32.pack(flags) + encode_attrs(None if resume else mode)
+
+
+def open_for_upload(
+    client: paramiko.SFTPClient, path: str, *, resume: bool, mode: int | None
+) -> paramiko.SFTPFile:
+    """Open ``path`` for writing (see upload_open_payload)."""
+    payload = upload_open_payload(path, resume=resume, mode=mode)
     answer, body = request(client, CMD_OPEN, payload)
     if answer != CMD_HANDLE:
         _raise_status(answer, body, "an OPEN")
@@ -696,11 +884,13 @@ def upload(
     progress: Progress | None = None,
     block: int | None = None,
     depth: int = WRITE_DEPTH,
+    tail: Tail | None = None,
 ) -> TransferStats:
     """Write what ``read_into`` yields to an open remote handle, from offset ``start``.
 
     ``read_into`` fills the buffer it is given and returns the count, 0 at the end (like
     ``readinto``). ``progress`` gets (acknowledged bytes + start, total or bytes so far).
+    ``tail`` goes right behind the last WRITE; its answers are all in when this returns.
     """
     t0 = time.perf_counter()
     wire = Wire(client)
@@ -717,6 +907,14 @@ def upload(
     offset = start
     acked = 0
     eof = False
+
+    def take(reply: tuple[int, Span, memoryview]) -> int:
+        kind, (off, _n), body = reply
+        if off < 0 and tail is not None:  # an answer to the tail, not a WRITE
+            tail.answers[-1 - off] = (kind, bytes(body))
+            return 0
+        return _write_ack(reply)
+
     try:
         while True:
             while not eof and len(waiting) < depth:
@@ -726,6 +924,8 @@ def upload(
                     raise LocalError(exc) from None
                 if not n:
                     eof = True
+                    if tail is not None:
+                        _send_tail(wire, tail)
                     break
                 rid = wire.next_id()
                 _HDR.pack_into(buf, 0, head - 4 + n, CMD_WRITE, rid)
@@ -737,14 +937,14 @@ def upload(
                     reply = wire.reply(block=len(waiting) >= depth)
                     if reply is None:
                         break
-                    acked += _write_ack(reply)
+                    acked += take(reply)
                     if progress is not None:
                         progress(start + acked, offset if total is None else total)
             if not waiting:
                 break
             reply = wire.reply()
             assert reply is not None
-            acked += _write_ack(reply)
+            acked += take(reply)
             if progress is not None:
                 progress(start + acked, offset if total is None else total)
     except BaseException as exc:
@@ -752,6 +952,18 @@ def upload(
             wire.settle()
         raise
     return TransferStats(start, offset, offset - start, time.perf_counter() - t0)
+
+
+def _send_tail(wire: Wire, tail: Tail) -> None:
+    parts: list[bytes] = []
+    ids: list[tuple[int, Span]] = []
+    for i, (kind, payload) in enumerate(tail.requests):
+        rid = wire.next_id()
+        parts.append(_HDR.pack(5 + len(payload), kind, rid) + payload)
+        ids.append((rid, (-1 - i, 0)))
+    tail.answers = [(0, b"")] * len(tail.requests)
+    tail.sent = True  # from here on the handle may be closed: never CLOSE it again
+    wire.send(b"".join(parts), *ids)
 
 
 def _write_ack(reply: tuple[int, Span, memoryview]) -> int:
@@ -786,6 +998,10 @@ class BlockPlan(Protocol):
         """The file ends at ``at``: nothing from there on is moved."""
         ...
 
+    def exhausted(self) -> bool:
+        """Every block has been handed out (or the plan failed)."""
+        ...
+
 
 def write_blocks(
     client: paramiko.SFTPClient,
@@ -796,12 +1012,15 @@ def write_blocks(
     block: int,
     depth: int = WRITE_DEPTH,
     tick: Callable[[], None] | None = None,
+    tail: Tail | None = None,
 ) -> None:
     """Write the blocks ``plan`` hands out to an open remote handle, ``depth`` in flight.
 
     ``read_at(buf, offset)`` fills ``buf`` from the local file at ``offset`` and returns
     the count (short at its end). ``tick`` runs after every acknowledgement taken here
     and every change seen while waiting (the caller's progress and cancellation point).
+    ``tail`` goes behind this channel's last WRITE, once no block is left to hand out
+    (other channels may still have writes in flight then).
     Every request sent is answered before this returns or raises.
     """
     wire = Wire(client)
@@ -815,7 +1034,10 @@ def write_blocks(
     waiting = wire.waiting
 
     def ack(reply: tuple[int, Span, memoryview]) -> None:
-        _kind, (off, _n), _body = reply
+        kind, (off, _n), body = reply
+        if off < 0 and tail is not None:  # an answer to the tail, not a WRITE
+            tail.answers[-1 - off] = (kind, bytes(body))
+            return
         plan.done(off, _write_ack(reply))
         if tick is not None:
             tick()
@@ -825,6 +1047,8 @@ def write_blocks(
             while len(waiting) < depth:
                 span = plan.take(block)
                 if span is None:
+                    if tail is not None and not tail.sent and plan.exhausted():
+                        _send_tail(wire, tail)
                     break
                 off, want = span
                 try:
@@ -850,6 +1074,9 @@ def write_blocks(
                 ack(reply)
                 continue
             if not plan.wait():
+                if tail is not None and not tail.sent:
+                    _send_tail(wire, tail)
+                    continue  # its answers, then done
                 return
             if tick is not None:
                 tick()

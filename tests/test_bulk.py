@@ -422,3 +422,117 @@ def test_upload_falls_back_to_one_channel_when_extra_ones_are_refused(
         emu.max_channels_per_connection = None
         shell.get("f.bin", tmp_path / "back.bin")
     assert _sha(tmp_path / "back.bin") == digest
+
+
+# -- round trips of one put ----------------------------------------------------------------
+# The SSH stream is encrypted, so a relay in front of sshd sees no SFTP packets. The
+# client's SSH channels carry them in the clear: every byte paramiko's Channel sends and
+# receives is decoded back into SFTP packets here (wrapped, never replaced), and each
+# request's place in the chain of answers it had to wait for is counted. WRITEs and their
+# acknowledgements are the data and are left out: what remains is the fixed round trips.
+
+
+class _SFTPTap:
+    def __init__(self) -> None:
+        self.out: dict[int, bytearray] = {}
+        self.inn: dict[int, bytearray] = {}
+        self.asked: dict[tuple[int, int], tuple[int, int]] = {}  # (chan, id) -> (type, depth)
+        self.level: dict[int, int] = {}  # per channel: deepest control answer seen
+        self.chains: dict[int, list[tuple[int, int]]] = {}  # per channel: (type, depth)
+
+    @staticmethod
+    def _packets(buf: bytearray) -> Iterator[tuple[int, int]]:
+        while len(buf) >= 5:
+            length = int.from_bytes(buf[:4], "big")
+            if len(buf) < 4 + length:
+                return
+            kind = buf[4]
+            rid = int.from_bytes(buf[5:9], "big") if kind not in (1, 2) else -1
+            del buf[: 4 + length]
+            yield kind, rid
+
+    def sent(self, chan: int, data: bytes) -> None:
+        buf = self.out.setdefault(chan, bytearray())
+        buf += data
+        for kind, rid in self._packets(buf):
+            if kind == 6:  # WRITE: data, not a fixed round trip
+                self.asked[(chan, rid)] = (kind, -1)
+                continue
+            depth = self.level.get(chan, 0) + 1
+            self.asked[(chan, rid)] = (kind, depth)
+            self.chains.setdefault(chan, []).append((kind, depth))
+
+    def received(self, chan: int, data: bytes) -> None:
+        buf = self.inn.setdefault(chan, bytearray())
+        buf += data
+        for _kind, rid in self._packets(buf):
+            _asked, depth = self.asked.pop((chan, rid), (0, -1))
+            if depth > 0:
+                self.level[chan] = max(self.level.get(chan, 0), depth)
+
+    def deepest(self) -> int:
+        return max((d for chain in self.chains.values() for _k, d in chain), default=0)
+
+
+def _tap(monkeypatch: pytest.MonkeyPatch) -> _SFTPTap:
+    import paramiko
+
+    tap = _SFTPTap()
+    real_send, real_recv = paramiko.Channel.send, paramiko.Channel.recv
+
+    def send(self: paramiko.Channel, s: bytes) -> int:
+        n = real_send(self, s)
+        if n > 0:
+            tap.sent(self.chanid, bytes(s[:n]))
+        return n
+
+    def recv(self: paramiko.Channel, nbytes: int) -> bytes:
+        data = real_recv(self, nbytes)
+        tap.received(self.chanid, data)
+        return data
+
+    monkeypatch.setattr(paramiko.Channel, "send", send)
+    monkeypatch.setattr(paramiko.Channel, "recv", recv)
+    return tap
+
+
+@pytest.mark.parametrize("size", [3 * MIB, 40 * MIB])
+def test_a_put_pays_few_sequential_round_trips(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    src = tmp_path / "f.bin"
+    digest = _random_file(src, size)
+    src.chmod(0o640)
+    _sftp.put(link, src, str(rdir / "warm.bin"))  # channels open, directory swept
+    tap = _tap(monkeypatch)
+    _sftp.put(link, src, str(rdir / "f.bin"))
+    monkeypatch.undo()
+    assert _sha(rdir / "f.bin") == digest
+    assert (rdir / "f.bin").stat().st_mode & 0o777 == 0o640
+    assert _leftovers(rdir) == []
+    # Open (together with the target's stat), the data, the size check with the mode
+    # and the close, the rename.
+    assert tap.deepest() <= 3, tap.chains
+
+    # The first put into a directory also looks for stale temporaries there: the
+    # listing adds OPENDIR, then READDIRs with the CLOSE behind them.
+    (rdir / "sub").mkdir()
+    tap = _tap(monkeypatch)
+    _sftp.put(link, src, str(rdir / "sub") + "/")
+    monkeypatch.undo()
+    assert _sha(rdir / "sub" / "f.bin") == digest
+    assert tap.deepest() <= 5, tap.chains
+
+
+@pytest.mark.parametrize("size", [1 * MIB, 40 * MIB])
+def test_put_to_an_existing_directory_lands_inside_and_leaves_no_temp(
+    link: Link, rdir: Path, tmp_path: Path, size: int
+) -> None:
+    # The temporary file opened beside the name (with the stat that tells it is a
+    # directory) is closed and removed; the file goes inside.
+    src = tmp_path / "in.bin"
+    digest = _random_file(src, size)
+    (rdir / "d").mkdir()
+    assert _sftp.put(link, src, str(rdir / "d")) == str(rdir / "d" / "in.bin")
+    assert _sha(rdir / "d" / "in.bin") == digest
+    assert _leftovers(rdir) == [] and _leftovers(rdir / "d") == []
