@@ -1,6 +1,12 @@
 """Shared fixtures and helpers for the CLI and tunnel tests (import the fixtures you use).
 
 The emulator runs in the test process; the CLI runs as a real subprocess against it.
+A CLI test module starts with::
+
+    # ruff: noqa: F811 - pytest fixtures imported from cli_helpers are parameters here
+    from cli_helpers import (  # noqa: F401 - fixtures are used by name
+        cli_env, contract, emu, sandbox, ...
+    )
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CONTRACTS
+from conftest import CONTRACTS, running_emulator
+from emu_helpers import wait_until
 
 from sshbridge.emulator import Emulator
 from sshbridge_fast._protocol import PERSIST_ENV
@@ -59,7 +66,9 @@ def contract(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def emu(contract: str) -> Iterator[Emulator]:
-    with Emulator(contract=contract) as emulator:
+    """Module-scoped, unlike conftest's ``emu``: one emulator for many CLI runs (the
+    ``sandbox`` fixture checks each test's sessions ended)."""
+    with running_emulator(contract=contract) as emulator:
         # Many short CLI runs per sandbox: the real 20/min budget is not under test here.
         emulator.rate_limit = (100_000, 60.0)
         yield emulator
@@ -84,13 +93,10 @@ def holder_pids(runtime: Path) -> list[int]:
 
 
 def wait_gone(pid: int, timeout: float = 15.0) -> bool:
-    """Poll (bounded) until process ``pid`` has exited."""
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    """Poll (bounded) until process ``pid`` has exited; False if it is still there."""
+    with contextlib.suppress(AssertionError):
+        return wait_until(lambda: not _pid_alive(pid), timeout, f"process {pid} to exit")
+    return False
 
 
 def stop_holders(runtime: Path) -> None:
@@ -136,9 +142,7 @@ def sandbox(emu: Emulator, tmp_path: Path) -> Iterator[str]:
     # Persistent sessions end with their holder.
     stop_holders(runtime_for(tmp_path, create=False))
     # Every CLI run must have DELETEd the sessions it created, however it ended.
-    deadline = time.monotonic() + 5
-    while emu.open_sessions(sid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: emu.open_sessions(sid) == [], 5, "the sessions' DELETEs", 0.05)
     assert emu.open_sessions(sid) == []
 
 
@@ -164,6 +168,7 @@ def run_cli(
     timeout: float = 30,
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
+    """The full CLI (``python -m sshbridge.cli``); stdin empty unless ``input``."""
     return subprocess.run(
         [*CLI, *args],
         env=env,
@@ -174,6 +179,70 @@ def run_cli(
         cwd=cwd,
         check=False,
     )
+
+
+def fast(
+    *args: str,
+    env: dict[str, str],
+    input: bytes | None = None,
+    timeout: float = 30,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """The installed console script's path (``sshbridge = sshbridge_fast:main``)."""
+    return subprocess.run(
+        [*FAST_CLI, *args],
+        env=env,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def runtime(env: dict[str, str]) -> Path:
+    """The holders' directory under the test's XDG_RUNTIME_DIR."""
+    return Path(env["XDG_RUNTIME_DIR"]) / "sshbridge"
+
+
+def creates(emu: Emulator, sid: str) -> int:
+    """Session POSTs the emulator has seen for sandbox ``sid``."""
+    return sum(1 for c in emu.api_calls if c.endpoint == "create_session" and c.sandbox_id == sid)
+
+
+def with_console_script(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the venv's bin directory first on PATH: ``sshbridge`` runs the
+    installed console script, as in ``rsync -e 'sshbridge ssh'``."""
+    bin_dir = str(Path(sys.executable).parent)
+    assert Path(bin_dir, "sshbridge").exists(), "the console script is not installed"
+    return dict(env, PATH=bin_dir + os.pathsep + env.get("PATH", ""))
+
+
+def git_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for git over ``sshbridge ssh``: the console script on PATH, an identity."""
+    return dict(
+        with_console_script(env),
+        GIT_SSH_COMMAND="sshbridge ssh",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+    )
+
+
+def git(*args: str, env: dict[str, str], cwd: Path | None = None) -> None:
+    """Run git (stdin empty, 60 s at most); it must succeed."""
+    r = subprocess.run(
+        ["git", *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, (args, r.stderr)
 
 
 def one_error_line(stderr: bytes) -> str:
@@ -196,11 +265,7 @@ def start_echo_server(emu: Emulator, sandbox_id: str, name: str = "echo") -> int
             check=True,
         )
     port_file = directory / f"{name}.port"
-    deadline = time.monotonic() + 10
-    while not port_file.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the echo server did not start in the sandbox")
-        time.sleep(0.02)
+    wait_until(port_file.exists, 10, "the echo server to start in the sandbox")
     return int(port_file.read_text())
 
 

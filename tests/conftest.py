@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,9 +77,19 @@ def contract(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@contextlib.contextmanager
+def running_emulator(*, check_closed: bool = False, **kwargs: Any) -> Iterator[Emulator]:
+    """An :class:`Emulator` on loopback (``kwargs`` as its constructor takes them), stopped
+    on exit; with ``check_closed``, whatever the body did, every session must end closed.
+    The one place tests build an emulator for a fixture."""
+    with Emulator(**kwargs) as emulator:
+        yield emulator
+        if check_closed:
+            assert emulator.open_sessions() == [], "a session was left open"
+
+
 @pytest.fixture
 def emu(contract: str) -> Iterator[Emulator]:
     """An emulator on loopback; whatever a test did, every session must end closed."""
-    with Emulator(api_key=SECRET_KEY, contract=contract) as emulator:
+    with running_emulator(api_key=SECRET_KEY, contract=contract, check_closed=True) as emulator:
         yield emulator
-        assert emulator.open_sessions() == [], "a session was left open"

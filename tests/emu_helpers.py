@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
 import paramiko
 
@@ -26,14 +30,30 @@ def library_threads() -> list[threading.Thread]:
     ]
 
 
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    what: str | Callable[[], object] = "the condition",
+    interval: float = 0.02,
+) -> Literal[True]:
+    """Poll ``predicate`` until it is true; True, or AssertionError after ``timeout`` s.
+
+    ``what`` names the condition in the failure (a callable is called then, for details
+    known only at that moment). The one way tests wait for something to happen."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            detail = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {detail}")
+        time.sleep(interval)
+    return True
+
+
 def settle_threads(timeout: float = 5.0) -> list[threading.Thread]:
     """Library threads still alive after waiting up to ``timeout`` for them to end."""
-    end = time.monotonic() + timeout
-    while True:
-        left = library_threads()
-        if not left or time.monotonic() > end:
-            return left
-        time.sleep(0.05)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not library_threads(), timeout, "library threads to end", 0.05)
+    return library_threads()
 
 
 def alive(pid: int) -> bool:
@@ -44,6 +64,21 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def pids_with(needle: str) -> list[int]:
+    """Live local processes whose command line contains ``needle``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if needle.encode() in cmdline and alive(int(entry)):
+            found.append(int(entry))
+    return found
 
 
 # -- the vm contract on the wire: raw sockets and paramiko, no sshbridge code --------------

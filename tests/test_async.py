@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from emu_helpers import alive, opts, settle_threads
+from emu_helpers import alive, opts, settle_threads, wait_until
 
 from sshbridge import CommandTimeout, SandboxNotRunning
 from sshbridge._async import AsyncFleet, AsyncSandboxSSH
@@ -29,10 +29,13 @@ def _cut_at_expiry(emu: Emulator) -> None:
 
 
 async def appear(*paths: Path, timeout: float = 10.0) -> list[int]:
-    end = time.monotonic() + timeout
-    while not all(p.exists() and p.read_text().strip() for p in paths):
-        assert time.monotonic() < end, f"{paths} never appeared"
-        await asyncio.sleep(0.02)
+    """The pids written to ``paths``, once all are there (polled off the event loop)."""
+    await asyncio.to_thread(
+        wait_until,
+        lambda: all(p.exists() and p.read_text().strip() for p in paths),
+        timeout,
+        f"{paths} to appear",
+    )
     return [int(p.read_text()) for p in paths]
 
 
@@ -104,7 +107,7 @@ def test_cancel_stops_the_remote_process(emu: Emulator, command: str) -> None:
             [pid] = await appear(top)
             children = [top.parent / "child.pid"] if "child.pid" in command else []
             pids = [pid, *(await appear(*children))]
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the behaviour: cancel a command that has run a while
             assert all(alive(p) for p in pids)
             started = time.monotonic()
             task.cancel()
@@ -198,11 +201,10 @@ def test_async_fleet_run_errors_and_cancel(emu: Emulator) -> None:
             def started() -> list[str]:
                 return [s for s in live if (emu.sandbox_dir(s) / "top.pid").exists()]
 
-            end = time.monotonic() + 20
-            while len(started()) < 16:
-                assert time.monotonic() < end
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(
+                wait_until, lambda: len(started()) >= 16, 20, "16 members to start", 0.05
+            )
+            await asyncio.sleep(0.3)  # room for a 17th to start wrongly: none may
             first = started()
             assert len(first) == 16
             pids = await appear(*(emu.sandbox_dir(s) / "top.pid" for s in first))
@@ -235,7 +237,7 @@ def test_async_fleet_over_an_executor_cancels_through_a_fresh_session(emu: Emula
                 assert all(results[s].unwrap().stdout == f"{s}\n" for s in ids)
                 batch = asyncio.ensure_future(fleet.run("echo $$ > top.pid; exec sleep 300"))
                 pids = await appear(*(emu.sandbox_dir(s) / "top.pid" for s in ids))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the behaviour: cancel commands that run a while
                 batch.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await batch

@@ -29,6 +29,7 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     start_echo_server,
     stop_echo_server,
 )
+from emu_helpers import pids_with, wait_until
 
 from sshbridge.emulator import Emulator
 
@@ -319,13 +320,18 @@ def test_ssh_through_a_real_terminal(sandbox: str, cli_env: dict[str, str]) -> N
 
         _set_size(master, 40, 100)
         proc.send_signal(signal.SIGWINCH)
-        time.sleep(0.3)
+
+        def remote_size_is_new() -> bool:  # the window change travels beside the input
+            os.write(master, b"stty size\r")
+            return reader.expect(rb"(?<![\d ])(\d+ \d+)\r\n").group(1) == b"40 100"
+
+        wait_until(remote_size_is_new, 15, "the remote terminal to take the new size", 0.05)
         os.write(master, b"stty size\r")
         reader.expect(rb"40 100")
 
         # Ctrl-C goes to the remote foreground job, not to sshbridge.
-        os.write(master, b"sleep 30\r")
-        time.sleep(0.5)
+        os.write(master, b"sleep 30.2718\r")
+        wait_until(lambda: pids_with("sleep 30.2718"), 15, "the remote sleep to start")
         os.write(master, b"\x03")
         os.write(master, b"echo after-$((2+2))\r")
         reader.expect(rb"after-4", timeout=10)

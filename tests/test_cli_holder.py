@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,12 +19,19 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     FAST_CLI,
     cli_env,
     contract,
+    creates,
     emu,
+    fast,
+    git,
+    git_env,
     holder_pids,
     one_error_line,
     run_cli,
+    runtime,
     sandbox,
     wait_gone,
+    wait_until,
+    with_console_script,
 )
 
 from sshbridge.emulator import Emulator
@@ -33,43 +39,8 @@ from sshbridge.emulator import Emulator
 pytestmark = pytest.mark.timeout(120)
 
 
-def fast(
-    *args: str,
-    env: dict[str, str],
-    input: bytes | None = None,
-    timeout: float = 30,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*FAST_CLI, *args],
-        env=env,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        timeout=timeout,
-        cwd=cwd,
-        check=False,
-    )
-
-
-def runtime(env: dict[str, str]) -> Path:
-    return Path(env["XDG_RUNTIME_DIR"]) / "sshbridge"
-
-
 def rt_root(env: dict[str, str]) -> Path:
     return Path(env["XDG_RUNTIME_DIR"])
-
-
-def creates(emu: Emulator, sid: str) -> int:
-    return sum(1 for c in emu.api_calls if c.endpoint == "create_session" and c.sandbox_id == sid)
-
-
-def wait_until(predicate: object, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def holder_files(env: dict[str, str]) -> list[str]:
@@ -97,12 +68,6 @@ def holder_processes(env: dict[str, str]) -> list[int]:
         if state != "Z":
             found.append(int(entry.name))
     return found
-
-
-def _with_console_script(env: dict[str, str]) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    assert Path(bin_dir, "sshbridge").exists(), "the console script is not installed"
-    return dict(env, PATH=bin_dir + os.pathsep + env.get("PATH", ""))
 
 
 # -- ssh through the holder ---------------------------------------------------------------
@@ -156,7 +121,7 @@ def test_rsync_and_git_share_one_holder(
     (src / "sub").mkdir(parents=True)
     (src / "a file.txt").write_text("hello\n")
     (src / "sub" / "blob").write_bytes(os.urandom(300_000))
-    env = _with_console_script(cli_env)
+    env = with_console_script(cli_env)
 
     def rsync(*args: str) -> None:
         r = subprocess.run(
@@ -178,33 +143,15 @@ def test_rsync_and_git_share_one_holder(
 
     bare = emu.sandbox_dir(sandbox) / "repo.git"
     subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True, timeout=30)
-    env.update(
-        GIT_SSH_COMMAND="sshbridge ssh",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-    )
-
-    def git(*args: str, cwd: Path | None = None) -> None:
-        r = subprocess.run(
-            ["git", *args],
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert r.returncode == 0, (args, r.stderr)
+    env = git_env(cli_env)
 
     work = tmp_path / "work"
-    git("clone", "-q", f"{sandbox}:{bare}", str(work))
+    git("clone", "-q", f"{sandbox}:{bare}", str(work), env=env)
     (work / "f.bin").write_bytes(os.urandom(100_000))
-    git("add", "f.bin", cwd=work)
-    git("commit", "-qm", "one", cwd=work)
-    git("push", "-q", "origin", "HEAD:main", cwd=work)
-    git("clone", "-q", "-b", "main", f"{sandbox}:{bare}", str(tmp_path / "again"))
+    git("add", "f.bin", cwd=work, env=env)
+    git("commit", "-qm", "one", cwd=work, env=env)
+    git("push", "-q", "origin", "HEAD:main", cwd=work, env=env)
+    git("clone", "-q", "-b", "main", f"{sandbox}:{bare}", str(tmp_path / "again"), env=env)
     assert (tmp_path / "again" / "f.bin").read_bytes() == (work / "f.bin").read_bytes()
     # Every call above attached to the one holder: one session for all of them.
     assert len(holder_pids(rt_root(cli_env))) == 1
@@ -302,7 +249,7 @@ def test_start_failures_are_reported_not_timed_out(
             assert "wrong-key" not in line
             assert time.monotonic() - start < 50, what
     # Nothing is left behind: no process, no socket, no lock, log or pid file.
-    wait_until(lambda: holder_processes(cli_env) == [], what="failed holders to exit")
+    wait_until(lambda: holder_processes(cli_env) == [], timeout=20, what="failed holders to exit")
     assert holder_files(cli_env) == []
     assert emu.open_sessions() == []
 
@@ -323,14 +270,16 @@ def test_ctrl_c_while_the_holder_starts_leaves_nothing(
             stderr=subprocess.PIPE,
         )
         # The holder exists and has created its session: it is in the middle of starting.
-        wait_until(lambda: creates(emu, sandbox) == 1, what="the holder's session POST")
+        wait_until(lambda: creates(emu, sandbox) == 1, timeout=20, what="the holder's session POST")
         assert len(holder_processes(cli_env)) == 1
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and out == b""
         assert "interrupted" in one_error_line(err)
-        wait_until(lambda: holder_processes(cli_env) == [], what="the holder to exit")
-        wait_until(lambda: emu.open_sessions(sandbox) == [], what="its session to be DELETEd")
+        wait_until(lambda: holder_processes(cli_env) == [], timeout=20, what="the holder to exit")
+        wait_until(
+            lambda: emu.open_sessions(sandbox) == [], timeout=20, what="its session to be DELETEd"
+        )
         assert holder_files(cli_env) == []
     finally:
         emu.exposure_delay = 0.0
@@ -354,11 +303,13 @@ def test_killed_first_client_does_not_leave_a_holder(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(lambda: creates(emu, sandbox) == 1, what="the holder's session POST")
+        wait_until(lambda: creates(emu, sandbox) == 1, timeout=20, what="the holder's session POST")
         proc.kill()
         proc.wait(10)
-        wait_until(lambda: holder_processes(cli_env) == [], what="the holder to exit")
-        wait_until(lambda: emu.open_sessions(sandbox) == [], what="its session to be DELETEd")
+        wait_until(lambda: holder_processes(cli_env) == [], timeout=20, what="the holder to exit")
+        wait_until(
+            lambda: emu.open_sessions(sandbox) == [], timeout=20, what="its session to be DELETEd"
+        )
         assert holder_files(cli_env) == []
     finally:
         emu.exposure_delay = 0.0
@@ -379,7 +330,7 @@ def test_concurrent_first_calls_after_a_close_share_one_holder(
         assert creates(emu, sandbox) == round_ + 1
         r = run_cli("close", sandbox, env=cli_env)
         assert r.returncode == 0, r.stderr
-        wait_until(lambda: holder_processes(cli_env) == [], what="the holder to exit")
+        wait_until(lambda: holder_processes(cli_env) == [], timeout=20, what="the holder to exit")
         # Its socket, lock, log and pid files went with it.
         assert holder_files(cli_env) == []
 
@@ -392,7 +343,7 @@ def _holder_stem(sandbox: str, cli_env: dict[str, str]) -> str:
     assert fast("exec", sandbox, "--", "true", env=cli_env).returncode == 0
     [sock] = runtime(cli_env).glob("h-*.sock")
     assert run_cli("close", sandbox, env=cli_env).returncode == 0
-    wait_until(lambda: holder_processes(cli_env) == [], what="the holder to exit")
+    wait_until(lambda: holder_processes(cli_env) == [], timeout=20, what="the holder to exit")
     return sock.stem
 
 
@@ -494,12 +445,14 @@ def test_ctrl_c_abandons_a_copy_in_the_holder(
     def partial_growing() -> bool:
         return any(p.name.endswith(".part") and p.stat().st_size > 0 for p in box.iterdir())
 
-    wait_until(partial_growing, what="the upload to start")
+    wait_until(partial_growing, timeout=20, what="the upload to start")
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in one_error_line(err)
     # The holder dropped the copy (no partial file, no destination) and serves on.
-    wait_until(lambda: not any(p.name.endswith(".part") for p in box.iterdir()), what="cleanup")
+    wait_until(
+        lambda: not any(p.name.endswith(".part") for p in box.iterdir()), timeout=20, what="cleanup"
+    )
     assert not (box / "big.bin").exists()
     assert holder_pids(rt_root(cli_env)) == [pid]
     r = fast("exec", sandbox, "--", "echo still", env=cli_env)

@@ -21,6 +21,7 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     cli_env,
     contract,
     emu,
+    fast,
     holder_pids,
     one_error_line,
     run_cli,
@@ -43,21 +44,6 @@ JSON_KEYS = {
     "timed_out",
     "error",
 }
-
-
-def fast(
-    *args: str, env: dict[str, str], input: bytes | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[bytes]:
-    """The installed console script's path (``sshbridge = sshbridge_fast:main``)."""
-    return subprocess.run(
-        [*FAST_CLI, *args],
-        env=env,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def one_object(stdout: bytes) -> dict:  # type: ignore[type-arg]

@@ -21,37 +21,23 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     FAST_CLI,
     cli_env,
     contract,
+    creates,
     emu,
+    fast,
+    git,
+    git_env,
     holder_pids,
     one_error_line,
     run_cli,
+    runtime,
     sandbox,
     wait_gone,
+    with_console_script,
 )
 
 from sshbridge.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def fast(*args: str, env: dict[str, str], input: bytes | None = None, timeout: float = 30):
-    return subprocess.run(
-        [*FAST_CLI, *args],
-        env=env,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def runtime(env: dict[str, str]) -> Path:
-    return Path(env["XDG_RUNTIME_DIR"]) / "sshbridge"
-
-
-def creates(emu: Emulator, sid: str) -> int:
-    return sum(1 for c in emu.api_calls if c.endpoint == "create_session" and c.sandbox_id == sid)
 
 
 @pytest.mark.contracts
@@ -363,12 +349,6 @@ def test_closed_stdout_is_141(sandbox: str, cli_env: dict[str, str]) -> None:
 # -- OpenSSH semantics: rsync and git over `sshbridge ssh` --------------------------------
 
 
-def _with_console_script(env: dict[str, str]) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    assert Path(bin_dir, "sshbridge").exists(), "the console script is not installed"
-    return dict(env, PATH=bin_dir + os.pathsep + env.get("PATH", ""))
-
-
 def test_rsync_over_sshbridge_ssh(
     emu: Emulator, sandbox: str, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -376,7 +356,7 @@ def test_rsync_over_sshbridge_ssh(
     (src / "sub").mkdir(parents=True)
     (src / "a file.txt").write_text("hello\n")
     (src / "sub" / "blob").write_bytes(os.urandom(200_000))
-    env = _with_console_script(cli_env)
+    env = with_console_script(cli_env)
     r = subprocess.run(
         ["rsync", "-a", "-e", "sshbridge ssh", f"{src}/", f"{sandbox}:dest with space/"],
         env=env,
@@ -407,35 +387,16 @@ def test_git_over_sshbridge_ssh(
 ) -> None:
     bare = emu.sandbox_dir(sandbox) / "repo.git"
     subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True, timeout=30)
-    env = _with_console_script(cli_env)
-    env.update(
-        GIT_SSH_COMMAND="sshbridge ssh",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-    )
+    env = git_env(cli_env)
     work = tmp_path / "work"
     url = f"{sandbox}:{bare}"
 
-    def git(*args: str, cwd: Path | None = None) -> None:
-        r = subprocess.run(
-            ["git", *args],
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert r.returncode == 0, (args, r.stderr)
-
-    git("clone", "-q", url, str(work))
+    git("clone", "-q", url, str(work), env=env)
     (work / "f.txt").write_text("v1\n")
-    git("add", "f.txt", cwd=work)
-    git("commit", "-qm", "one", cwd=work)
-    git("push", "-q", "origin", "HEAD:main", cwd=work)
-    git("clone", "-q", "-b", "main", url, str(tmp_path / "again"))
+    git("add", "f.txt", cwd=work, env=env)
+    git("commit", "-qm", "one", cwd=work, env=env)
+    git("push", "-q", "origin", "HEAD:main", cwd=work, env=env)
+    git("clone", "-q", "-b", "main", url, str(tmp_path / "again"), env=env)
     assert (tmp_path / "again" / "f.txt").read_text() == "v1\n"
 
 

@@ -8,7 +8,6 @@ a token authorizes the key at a gateway and SSH starts at once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,16 +27,7 @@ from sshbridge.emulator import Emulator
 pytestmark = [pytest.mark.timeout(90), pytest.mark.contracts]
 
 
-@pytest.fixture(params=["vm", "sidecar"])
-def contract(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def emu(contract: str) -> Iterator[Emulator]:
-    with Emulator(api_key=SECRET_KEY, contract=contract) as emulator:
-        yield emulator
-        assert emulator.open_sessions() == []
+# ``contract`` and ``emu`` are conftest's: both contracts, every session ends closed.
 
 
 def connect(emu: Emulator, sandbox_id: str, **kw: Any) -> SandboxSSH:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import asyncssh
 import pytest
 import requests
+from conftest import CONTRACTS, running_emulator
 from emu_helpers import (
     PREAMBLE,
     closed_without_banner,
@@ -35,6 +36,7 @@ from emu_helpers import (
     paramiko_exec,
     preamble_socket,
     ssh_banner,
+    wait_until,
 )
 from sshd_server import PreambleFront, find_sshd, start_sshd
 
@@ -100,21 +102,26 @@ needs_sshd = pytest.mark.skipif(find_sshd() is None, reason="needs OpenSSH sshd"
 # -- helpers ---------------------------------------------------------------------------
 
 
+# Unlike conftest's ``emu``, these leave sessions open at the end where a test does so
+# on purpose, and use the emulator's own random key.
+
+
 @pytest.fixture
 def emu() -> Iterator[Emulator]:
-    with Emulator() as e:
+    """Contract B only, not parametrized."""
+    with running_emulator() as e:
         yield e
 
 
 @pytest.fixture
 def side() -> Iterator[Emulator]:
-    with Emulator(contract="sidecar") as e:
+    with running_emulator(contract="sidecar") as e:
         yield e
 
 
-@pytest.fixture(params=["vm", "sidecar"])
+@pytest.fixture(params=CONTRACTS)
 def both(request: pytest.FixtureRequest) -> Iterator[Emulator]:
-    with Emulator(contract=request.param) as e:
+    with running_emulator(contract=request.param) as e:
         yield e
 
 
@@ -198,15 +205,6 @@ def preamble_closed(emu: Emulator, line: str | bytes, port: int | None = None) -
 def port_refuses(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def wait_until(pred: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return bool(pred())
 
 
 def pid_alive(pid: int) -> bool:
@@ -784,7 +782,7 @@ def test_exec_auth_cwd_and_status(both: Emulator) -> None:
         run(go())
     finally:
         del os.environ["PRIME_API_KEY"]
-    assert wait_until(lambda: emu.ssh_connections() == 0)
+    assert wait_until(lambda: emu.ssh_connections() == 0, timeout=5)
 
 
 def test_auth_refusals(both: Emulator) -> None:
@@ -850,7 +848,7 @@ def test_expiry_cut_and_survival(both: Emulator) -> None:
         await asyncio.wait_for(running.wait_closed(), 1)
 
     run(go())
-    assert wait_until(lambda: emu.ssh_connections() == 0)
+    assert wait_until(lambda: emu.ssh_connections() == 0, timeout=5)
 
 
 def test_large_output_on_both_streams(emu: Emulator) -> None:
@@ -1049,7 +1047,7 @@ def test_delete_and_status_change_close_connections(both: Emulator) -> None:
             assert preamble_closed(emu, PREAMBLE.format(s2["session_id"]))
 
     run(go())
-    assert wait_until(lambda: emu.ssh_connections() == 0)
+    assert wait_until(lambda: emu.ssh_connections() == 0, timeout=5)
     assert emu.open_sessions(sid) == [s2["session_id"]]  # listed, but unusable
     if emu.contract == "sidecar":
         assert authorize(s2, new_key()).status_code >= 400
@@ -1074,7 +1072,7 @@ def test_channel_close_hangs_up_but_detached_survive(emu: Emulator) -> None:
             stubborn = await conn.create_process("trap '' HUP; echo $$; sleep 30")
             leader = int(await proc.stdout.readline())
             stubborn_pid = int(await stubborn.stdout.readline())
-            assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+            assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 5)
             for p in (proc, stubborn):
                 p.close()
                 await p.wait_closed()
@@ -1146,9 +1144,11 @@ def test_stop_leaves_no_threads_or_processes(contract: str) -> None:
         loop.close()
         keep_alive.close()
     assert emulator_threads() == []
-    assert wait_until(lambda: set(threading.enumerate()) <= before, timeout=3), [
-        t.name for t in set(threading.enumerate()) - before
-    ]
+    assert wait_until(
+        lambda: set(threading.enumerate()) <= before,
+        timeout=3,
+        what=lambda: [t.name for t in set(threading.enumerate()) - before],
+    )
     assert not pid_alive(pid)
     assert wait_until(lambda: not pid_alive(detached), timeout=2)  # detached ones too
 
@@ -1179,9 +1179,10 @@ def test_many_sessions_do_not_leak_fds(both: Emulator) -> None:
     cycle(5)  # warm up lazily created descriptors
     baseline = len(os.listdir(fd_dir))
     cycle(60)
-    assert wait_until(lambda: len(os.listdir(fd_dir)) <= baseline + 3), (
-        len(os.listdir(fd_dir)),
-        baseline,
+    assert wait_until(
+        lambda: len(os.listdir(fd_dir)) <= baseline + 3,
+        timeout=5,
+        what=lambda: (len(os.listdir(fd_dir)), baseline),
     )
     assert emu.open_sessions() == [] and emu.ssh_connections() == 0
 
@@ -1209,7 +1210,7 @@ def test_vm_raw_paramiko_with_preamble(emu: Emulator) -> None:
     with pytest.raises(paramiko.AuthenticationException):
         paramiko_exec(sess["host"], sess["port"], sess["session_id"], pkey, "true", username="root")
     assert emu.preamble_rejections == 0
-    assert wait_until(lambda: emu.ssh_connections() == 0)
+    assert wait_until(lambda: emu.ssh_connections() == 0, timeout=5)
 
 
 def test_vm_preamble_rejections(emu: Emulator) -> None:
@@ -1315,7 +1316,9 @@ def test_vm_exposure_delay(emu: Emulator) -> None:
     assert preamble_closed(emu, PREAMBLE.format(sess["session_id"]))  # too early: closed
     assert emu.preamble_rejections == 1
     attempts = 1
-    while True:
+
+    def banner_after_preamble() -> bool:
+        nonlocal attempts
         sock = preamble_socket("127.0.0.1", sess["port"], PREAMBLE.format(sess["session_id"]))
         sock.settimeout(5)
         try:
@@ -1326,10 +1329,12 @@ def test_vm_exposure_delay(emu: Emulator) -> None:
             sock.close()
         if first:
             assert first.startswith(b"SSH-2.0-")
-            break
+            return True
         attempts += 1
         assert time.monotonic() - t0 < 5
-        time.sleep(0.05)
+        return False
+
+    wait_until(banner_after_preamble, timeout=5, what="the exposed session", interval=0.05)
     assert time.monotonic() - t0 >= 0.45
     assert emu.preamble_rejections == attempts
     assert asyncssh_echo(sess, key) == "ok\n"

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET_KEY
-from emu_helpers import alive, opts
+from conftest import SECRET_KEY, running_emulator
+from emu_helpers import alive, opts, pids_with, wait_until
 from sshd_server import SSHDServer, find_sshd, start_sshd
 
 from sshbridge import (
@@ -51,32 +51,10 @@ needs_sshd = pytest.mark.skipif(
 # -- helpers --------------------------------------------------------------------------------
 
 
-def pids_with(needle: str) -> list[int]:
-    """Live local processes whose command line contains ``needle``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if needle.encode() in cmdline and alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def read_pid(path: Path, timeout: float = 5.0) -> int:
-    assert wait_until(lambda: path.exists() and path.read_text().strip() != "", timeout), path
+    assert wait_until(
+        lambda: path.exists() and path.read_text().strip() != "", timeout, f"a pid in {path}"
+    )
     return int(path.read_text())
 
 
@@ -94,8 +72,11 @@ def interrupt_when(path: Path) -> threading.Thread:
     """Send this process a real SIGINT (Ctrl-C) once ``path`` appears (the command runs)."""
 
     def fire() -> None:
-        if wait_until(path.exists, 10):
-            os.kill(os.getpid(), signal.SIGINT)
+        try:
+            wait_until(path.exists, 10, f"{path} to appear")
+        except AssertionError:
+            return  # the command never ran: no Ctrl-C (the test fails on its own)
+        os.kill(os.getpid(), signal.SIGINT)
 
     thread = threading.Thread(target=fire, name="test-ctrl-c", daemon=True)
     thread.start()
@@ -121,9 +102,10 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDServer]:
 def ossh(sshd: SSHDServer) -> Iterator[Emulator]:
     """The emulator's API handing out sessions on a real OpenSSH sshd."""
     target = OpenSSHTarget(sshd.host, sshd.port, sshd.username, sshd.authorized_keys_file)
-    with Emulator(api_key=SECRET_KEY, openssh=target, contract="sidecar") as emulator:
+    with running_emulator(
+        api_key=SECRET_KEY, openssh=target, contract="sidecar", check_closed=True
+    ) as emulator:
         yield emulator
-        assert emulator.open_sessions() == []
 
 
 @pytest.fixture
@@ -141,11 +123,11 @@ def mini_factory(tmp_path: Path) -> Iterator[Callable[..., Emulator]]:
             server = MinimalServer(root, keys, **kw)
             stack.callback(server.close)
             target = OpenSSHTarget(server.host, server.port, server.username, keys)
-            emulator = stack.enter_context(
-                Emulator(api_key=SECRET_KEY, openssh=target, contract="sidecar")
+            return stack.enter_context(
+                running_emulator(
+                    api_key=SECRET_KEY, openssh=target, contract="sidecar", check_closed=True
+                )
             )
-            stack.callback(lambda: emulator.open_sessions() == [] or pytest.fail("leak"))
-            return emulator
 
         yield make
 
@@ -167,7 +149,7 @@ def test_timeout_stops_a_term_trapping_script(emu: Emulator) -> None:
             shell.run(trapping_script(d, secs), timeout=0.5)
         assert time.monotonic() - started < 3  # TERM, a short grace, KILL
         top = read_pid(d / "top.pid")
-        assert wait_until(lambda: all_gone([top], f"sleep {secs}"))
+        assert wait_until(lambda: all_gone([top], f"sleep {secs}"), 5)
         assert not (d / "F").exists()  # the shell is dead: F can never appear now
         assert shell.run("echo ok").stdout == "ok\n"
 
@@ -179,7 +161,7 @@ def test_timeout_stops_a_term_trapping_script_on_openssh(ossh: Emulator, tmp_pat
         with pytest.raises(CommandTimeout):
             shell.run(trapping_script(tmp_path, secs), timeout=0.5)
         top = read_pid(tmp_path / "top.pid")
-        assert wait_until(lambda: all_gone([top], f"sleep {secs}"))
+        assert wait_until(lambda: all_gone([top], f"sleep {secs}"), 5)
         assert not (tmp_path / "F").exists()
 
 
@@ -192,7 +174,7 @@ def test_ctrl_c_during_run_stops_a_term_trapping_script(emu: Emulator) -> None:
         with pytest.raises(KeyboardInterrupt):
             shell.run(trapping_script(d, secs), timeout=20)
         top = read_pid(d / "top.pid")
-        assert wait_until(lambda: all_gone([top], f"sleep {secs}"))
+        assert wait_until(lambda: all_gone([top], f"sleep {secs}"), 5)
         assert not (d / "F").exists()
 
 
@@ -204,7 +186,7 @@ def test_ctrl_c_during_run_on_openssh(ossh: Emulator, tmp_path: Path) -> None:
         with pytest.raises(KeyboardInterrupt):
             shell.run(trapping_script(tmp_path, secs), timeout=20)
         top = read_pid(tmp_path / "top.pid")
-        assert wait_until(lambda: all_gone([top], f"sleep {secs}"))
+        assert wait_until(lambda: all_gone([top], f"sleep {secs}"), 5)
         assert not (tmp_path / "F").exists()
 
 
@@ -223,7 +205,7 @@ def test_cancel_reaches_children_that_scrubbed_their_environment(
         with pytest.raises(CommandTimeout):
             shell.run(child, timeout=0.7)
         kid = read_pid(tmp_path / "kid.pid")
-        assert wait_until(lambda: all_gone([kid], f"sleep {secs}"))
+        assert wait_until(lambda: all_gone([kid], f"sleep {secs}"), 5)
         assert not (tmp_path / "G").exists()
 
 
@@ -242,7 +224,7 @@ def test_asyncio_cancel_and_fleet_timeout_use_the_same_kill(emu: Emulator) -> No
 
     asyncio.run(main())
     top = read_pid(d / "top.pid")
-    assert wait_until(lambda: all_gone([top], f"sleep {secs}"))
+    assert wait_until(lambda: all_gone([top], f"sleep {secs}"), 5)
     assert not (d / "F").exists()
 
     (d / "top.pid").unlink()
@@ -251,7 +233,7 @@ def test_asyncio_cancel_and_fleet_timeout_use_the_same_kill(emu: Emulator) -> No
         results = fleet.run(trapping_script(d, secs), timeout=0.5)
     assert isinstance(results[sid].error, CommandTimeout)
     top = read_pid(d / "top.pid")
-    assert wait_until(lambda: all_gone([top], f"sleep {secs}"))
+    assert wait_until(lambda: all_gone([top], f"sleep {secs}"), 5)
     assert not (d / "F").exists()
 
 
@@ -260,10 +242,10 @@ def test_kill_touches_only_its_own_command(emu: Emulator) -> None:
     mine, other = unique("8"), unique("9")
     with SandboxSSH(sid, **opts(emu)) as shell, cf.ThreadPoolExecutor(1) as pool:
         bystander = pool.submit(shell.run, f"sleep {other}", timeout=20)
-        assert wait_until(lambda: bool(pids_with(f"sleep {other}")))
+        assert wait_until(lambda: bool(pids_with(f"sleep {other}")), 5)
         with pytest.raises(CommandTimeout):
             shell.run(f"sleep {mine}", timeout=0.3)
-        assert wait_until(lambda: not pids_with(f"sleep {mine}"))
+        assert wait_until(lambda: not pids_with(f"sleep {mine}"), 5)
         assert pids_with(f"sleep {other}") and not bystander.done()
         for pid in pids_with(f"sleep {other}"):
             os.kill(pid, signal.SIGKILL)
@@ -469,7 +451,7 @@ def test_refused_exec_is_bounded_by_the_timeout_and_never_a_lost_connection(
     secs = f"1.{time.monotonic_ns() % 10**6:06d}"  # findable among others' sleeps
     with shell_on(emu, max_connections=1) as shell, cf.ThreadPoolExecutor(3) as pool:
         busy = [pool.submit(shell.run, f"sleep {secs}") for _ in range(3)]
-        assert wait_until(lambda: len(pids_with(f"sleep {secs}")) >= 3)
+        assert wait_until(lambda: len(pids_with(f"sleep {secs}")) >= 3, 5)
         started = time.monotonic()
         with pytest.raises(ChannelRequestRefused) as info:
             shell.run("echo never", timeout=0.4)

@@ -6,6 +6,7 @@ is checked in the local /proc.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -13,10 +14,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from emu_helpers import alive, opts, settle_threads
+from emu_helpers import alive, opts, settle_threads, wait_until
 
 from sshbridge import CommandResult, SandboxNotRunning, SandboxSSH
 from sshbridge._fleet import CANCEL_VAR, Fleet, FleetError, FleetResults, kill_script
@@ -29,12 +29,15 @@ def _cut_at_expiry(emu: Emulator) -> None:
     emu.cut_at_expiry = True
 
 
-def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
+def runs_with_token(token: str) -> bool:
+    """True once a local (sandbox) process has ``token`` as its cancel token."""
+    needle = f"{CANCEL_VAR}={token}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    return True
+    return False
 
 
 def creates(emu: Emulator) -> int:
@@ -92,7 +95,7 @@ def test_max_connections_bounds_open_sessions_at_every_instant(emu: Emulator) ->
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, len(emu.open_sessions()))
-            time.sleep(0.005)
+            time.sleep(0.005)  # the sampling rate of the watcher, not a wait
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -117,7 +120,7 @@ def test_member_stopped_mid_batch_reports_typed_error_others_finish(emu: Emulato
     victim = ids[4]
 
     def stop_victim() -> None:
-        wait_for((emu.sandbox_dir(victim) / "started").exists)
+        wait_until((emu.sandbox_dir(victim) / "started").exists, what="the victim's command")
         emu.set_status(victim, "TERMINATED")
 
     stopper = threading.Thread(target=stop_victim)
@@ -158,7 +161,7 @@ def test_members_renew_during_a_long_batch(emu: Emulator) -> None:
             n += 1
             r = shell.run(["echo", str(n)])
             assert r.stdout == f"{n}\n", r
-            time.sleep(0.05)
+            time.sleep(0.05)  # pacing: ~9 s of commands spread over the renewals
         return n, shell.renewals
 
     # connect_timeout=5: a close that lands during a renewal's connect otherwise leaves
@@ -247,9 +250,9 @@ def test_interrupt_stops_running_commands_and_leaks_nothing(emu: Emulator) -> No
     with Fleet(ids, **opts(emu)) as fleet:
         with pytest.raises(KeyboardInterrupt):
             fleet.run(command, progress=interrupt)
-        wait_for(lambda: all(p.exists() for p in pid_files))
+        wait_until(lambda: all(p.exists() for p in pid_files), what="the pid files")
         pids = [int(p.read_text()) for p in pid_files]
-        wait_for(lambda: not any(alive(p) for p in pids), timeout=5)
+        wait_until(lambda: not any(alive(p) for p in pids), timeout=5, what="the commands to end")
     assert time.monotonic() - start < 20
     assert emu.open_sessions() == []
     assert settle_threads() == []
@@ -270,7 +273,7 @@ def test_kill_script_stops_its_target_and_never_itself(emu: Emulator) -> None:
             )
         )
         runner.start()
-        time.sleep(0.5)
+        wait_until(lambda: runs_with_token("tok1"), what="the victim to run")
         started = time.monotonic()
         killer = shell.run(kill_script("tok1"))
         runner.join(10)

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-from conftest import SECRET_KEY
+from conftest import SECRET_KEY, running_emulator
+from emu_helpers import wait_until
 from minimal_server import MinimalServer
 from sshd_server import (
     DropbearStartError,
@@ -109,16 +110,19 @@ def server(
 
 
 @pytest.fixture
-def emu(server: Server) -> Iterator[Emulator]:
-    """The emulator in OpenSSH mode, contract A; every session must end closed."""
+def server_emu(server: Server) -> Iterator[Emulator]:
+    """The emulator in OpenSSH mode in front of ``server``, contract A; every session must
+    end closed."""
     target = OpenSSHTarget(server.host, server.port, server.username, server.authorized_keys_file)
-    with Emulator(api_key=SECRET_KEY, openssh=target, contract="sidecar") as emulator:
+    with running_emulator(
+        api_key=SECRET_KEY, openssh=target, contract="sidecar", check_closed=True
+    ) as emulator:
         yield emulator
-        assert emulator.open_sessions() == [], "a session was left open"
 
 
 @pytest.fixture
-def shell(emu: Emulator) -> Iterator[SandboxSSH]:
+def shell(server_emu: Emulator) -> Iterator[SandboxSSH]:
+    emu = server_emu
     sandbox = emu.create_sandbox()
     with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url, connect_timeout=10) as s:
         yield s
@@ -232,9 +236,7 @@ def test_timeout_stops_the_remote_process(shell: SandboxSSH) -> None:
         shell.run(f"echo started; {marker}; echo never", timeout=0.5)
     assert time.monotonic() - start < 2.5
     assert info.value.result.stdout == "started\n"
-    deadline = time.monotonic() + 2
-    while _processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: _processes_with(marker) == [], 2, "the timed-out command's process to end")
     assert _processes_with(marker) == []
     assert shell.run("echo still usable").stdout == "still usable\n"
 

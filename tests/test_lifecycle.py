@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emu_helpers import library_threads, settle_threads
+from emu_helpers import library_threads, pids_with, settle_threads, wait_until
 
 from sshbridge import (
     APIClient,
@@ -86,7 +86,7 @@ class Hammer:
             except BaseException as exc:  # noqa: BLE001
                 with self._lock:
                     self.failures.append(exc)
-            time.sleep(0.01)
+            time.sleep(0.01)  # the load's pace, not a wait
 
     def __enter__(self) -> Hammer:
         for t in self._threads:
@@ -118,7 +118,7 @@ def test_soak_renewals_under_load(emu: Emulator) -> None:
 
     with connect(emu, sandbox, ttl_seconds=6, on_renew=on_renew) as shell:
         with Hammer(shell, threads=4) as hammer:
-            time.sleep(42)
+            time.sleep(42)  # the soak's duration
         assert hammer.failures == []
         assert hammer.ok > 500
         assert shell.renewals >= 10
@@ -157,7 +157,7 @@ def test_slow_exposure_during_renewal(emu: Emulator) -> None:
     with connect(emu, sandbox, ttl_seconds=6) as shell:
         emu.exposure_delay = 1.5
         with Hammer(shell, threads=2) as hammer:
-            time.sleep(7)
+            time.sleep(7)  # load past a renewal (6 s TTL), the behaviour under test
         assert hammer.failures == []
         assert shell.renewals >= 1
 
@@ -180,16 +180,14 @@ def test_drain_lets_running_work_finish_then_closes(emu: Emulator) -> None:
         out: list[str] = []
         t = threading.Thread(target=lambda: out.append(shell.run("sleep 1.5; echo done").stdout))
         t.start()
-        time.sleep(0.3)
+        wait_until(lambda: pids_with("sleep 1.5; echo done"), 5, "the command to start")
         new = shell.renew()
         assert new.session_id != old.session_id
         assert old.session_id in emu.open_sessions()  # still draining
         assert shell.run("echo new").stdout == "new\n"
         t.join()
         assert out == ["done\n"]
-        deadline = time.monotonic() + 3
-        while old.session_id in emu.open_sessions() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: old.session_id not in emu.open_sessions(), 3, "the drained DELETE")
         assert old.session_id not in emu.open_sessions()
 
 
@@ -198,7 +196,7 @@ def test_expiry_without_successor_raises_session_expired_not_hang(emu: Emulator)
     with connect(emu, sandbox, ttl_seconds=3) as shell:
         shell.run("true")
         emu.fail_next(100, 500, endpoint="create_session")
-        time.sleep(3.3)
+        time.sleep(3.3)  # the behaviour: the 3 s session expires with no successor
         start = time.monotonic()
         with pytest.raises(SessionExpired) as info:
             shell.run("true")
@@ -227,9 +225,7 @@ def test_connection_cut_while_idle_reconnects(emu: Emulator) -> None:
         session = shell.session
         assert session is not None
         emu.cut_connections(session.session_id)
-        deadline = time.monotonic() + 5
-        while emu.ssh_connections(session.session_id) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not emu.ssh_connections(session.session_id), 5, "the cut")
         assert shell.run("echo again").stdout == "again\n"
         assert shell.reconnects == 1
         same = shell.session
@@ -328,7 +324,7 @@ def test_ctrl_c_in_a_real_process_leaves_nothing_open(emu: Emulator, tmp_path: P
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(0.5)
+        wait_until(lambda: emu.open_sessions(sandbox) != [], 10, "the client's session")
         assert emu.open_sessions(sandbox) != []
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
@@ -337,9 +333,7 @@ def test_ctrl_c_in_a_real_process_leaves_nothing_open(emu: Emulator, tmp_path: P
             proc.kill()
     assert proc.returncode != 0
     assert emu.open_sessions(sandbox) == []
-    deadline = time.monotonic() + 5
-    while emu.ssh_connections() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: emu.ssh_connections() == 0, 5, "the client's connections to close")
     assert emu.ssh_connections() == 0
 
 
@@ -384,9 +378,7 @@ def test_commands_outlive_their_session_on_a_server_that_does_not_cut(emu: Emula
         assert (r.exit_code, r.stdout) == (0, "done\n")
         assert shell.renewals >= 1
         assert shell.run("echo new").stdout == "new\n"
-        deadline = time.monotonic() + 5
-        while first.session_id in emu.open_sessions() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: first.session_id not in emu.open_sessions(), 5, "the drained DELETE")
         assert first.session_id not in emu.open_sessions()  # DELETEd once drained
     with connect(emu, sandbox, ttl_seconds=2, auto_renew=False) as shell:
         old = shell.session
@@ -394,8 +386,12 @@ def test_commands_outlive_their_session_on_a_server_that_does_not_cut(emu: Emula
         out: list[str] = []
         t = threading.Thread(target=lambda: out.append(shell.run("sleep 3; echo late").stdout))
         t.start()
-        while shell.session is not None and not shell.session.expires_at < utcnow():
-            time.sleep(0.05)
+        wait_until(
+            lambda: shell.session is None or shell.session.expires_at < utcnow(),
+            10,
+            "the session to expire",
+            0.05,
+        )
         # New work after expiry gets a new session; the old command is not cut for it.
         assert shell.run("echo fresh").stdout == "fresh\n"
         t.join(30)
@@ -403,14 +399,6 @@ def test_commands_outlive_their_session_on_a_server_that_does_not_cut(emu: Emula
 
 
 # -- the state machine: close() from any state, one connect, one renewal --------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class HeldAnswers:

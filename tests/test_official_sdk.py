@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import running_emulator
 from emu_helpers import ed25519_pair, paramiko_exec
 
 from sshbridge.emulator import Emulator
@@ -36,7 +37,8 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def emu() -> Iterator[Emulator]:
-    with Emulator(contract="vm") as emulator:
+    """Contract B only (the SDK's), not parametrized; the emulator's own random key."""
+    with running_emulator(contract="vm") as emulator:
         yield emulator
 
 

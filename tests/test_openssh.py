@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SECRET_KEY
+from conftest import SECRET_KEY, running_emulator
+from emu_helpers import wait_until
 from sshd_server import PreambleFront, SSHDServer, find_sshd, start_sshd
 
 from sshbridge import CommandTimeout, HostKeyMismatch, RemotePathError, SandboxSSH
@@ -38,7 +39,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDServer]:
 
 
 @pytest.fixture
-def emu(sshd: SSHDServer, contract: str) -> Iterator[Emulator]:
+def openssh_emu(sshd: SSHDServer, contract: str) -> Iterator[Emulator]:
     """Contract A: the sshd itself. Contract B: a front that requires the session
     preamble of a live session before a byte reaches the sshd."""
     holder: list[Emulator] = []
@@ -57,7 +58,7 @@ def emu(sshd: SSHDServer, contract: str) -> Iterator[Emulator]:
             host, port = front.host, front.port
         target = OpenSSHTarget(host, port, sshd.username, sshd.authorized_keys_file)
         emulator = stack.enter_context(
-            Emulator(api_key=SECRET_KEY, openssh=target, contract=contract)
+            running_emulator(api_key=SECRET_KEY, openssh=target, contract=contract)
         )
         holder.append(emulator)
         yield emulator
@@ -67,9 +68,9 @@ def emu(sshd: SSHDServer, contract: str) -> Iterator[Emulator]:
 
 
 @pytest.fixture
-def shell(emu: Emulator) -> Iterator[SandboxSSH]:
-    sandbox = emu.create_sandbox()
-    with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url) as s:
+def shell(openssh_emu: Emulator) -> Iterator[SandboxSSH]:
+    sandbox = openssh_emu.create_sandbox()
+    with SandboxSSH(sandbox, api_key=openssh_emu.api_key, base_url=openssh_emu.base_url) as s:
         yield s
 
 
@@ -132,11 +133,12 @@ def test_fast_commands_with_eof_do_not_drop_the_connection(shell: SandboxSSH) ->
 def test_timeout_kills_remote_process(shell: SandboxSSH) -> None:
     with pytest.raises(CommandTimeout):
         shell.run("sleep 27.1828", timeout=0.5)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if shell.run("ps -eo args | grep -c '^sleep 27.1828'").stdout.strip() == "0":
-            break
-        time.sleep(0.1)
+    wait_until(
+        lambda: shell.run("ps -eo args | grep -c '^sleep 27.1828'").stdout.strip() == "0",
+        timeout=5,
+        what="the timed-out command's process to end",
+        interval=0.1,
+    )
     assert shell.run("ps -eo args | grep -c '^sleep 27.1828'").stdout.strip() == "0"
 
 
@@ -166,7 +168,7 @@ def test_sftp_round_trip_and_atomicity(shell: SandboxSSH, tmp_path: Path) -> Non
 
 
 def test_host_key_pinned_against_a_different_server(
-    emu: Emulator, sshd: SSHDServer, tmp_path: Path, contract: str
+    openssh_emu: Emulator, sshd: SSHDServer, tmp_path: Path, contract: str
 ) -> None:
     other = start_sshd(tmp_path / "other")
     with contextlib.ExitStack() as stack:
@@ -175,27 +177,31 @@ def test_host_key_pinned_against_a_different_server(
         if contract == "vm":
             front = stack.enter_context(PreambleFront((other.host, other.port), lambda _: True))
             host, port = front.host, front.port
-        sandbox = emu.create_sandbox()
+        sandbox = openssh_emu.create_sandbox()
         with SandboxSSH(
-            sandbox, api_key=emu.api_key, base_url=emu.base_url, ttl_seconds=1
+            sandbox, api_key=openssh_emu.api_key, base_url=openssh_emu.base_url, ttl_seconds=1
         ) as shell:
             shell.run("true")
             # The sandbox's next session is served by a server with another host key.
-            emu.openssh = OpenSSHTarget(host, port, other.username, other.authorized_keys_file)
-            time.sleep(1.2)
+            openssh_emu.openssh = OpenSSHTarget(
+                host, port, other.username, other.authorized_keys_file
+            )
+            time.sleep(1.2)  # the behaviour: the 1 s session expires, the next is new
             with pytest.raises(HostKeyMismatch) as info:
                 shell.run("true")
             assert "pinned" in str(info.value)
 
 
-def test_durable_job_and_renewal_on_openssh(emu: Emulator) -> None:
-    sandbox = emu.create_sandbox()
-    with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url, ttl_seconds=3) as shell:
+def test_durable_job_and_renewal_on_openssh(openssh_emu: Emulator) -> None:
+    sandbox = openssh_emu.create_sandbox()
+    with SandboxSSH(
+        sandbox, api_key=openssh_emu.api_key, base_url=openssh_emu.base_url, ttl_seconds=3
+    ) as shell:
         job = shell.spawn("for i in 1 2 3 4 5 6 7 8; do echo $i; sleep 0.5; done; exit 5")
         outs = []
         while job.poll() is None:
             outs.append(shell.run("echo tick").stdout)
-            time.sleep(0.1)
+            time.sleep(0.1)  # pacing: other commands run alongside the job, not a wait
         result = job.wait()
         assert result.exit_code == 5
         assert result.stdout == "".join(f"{i}\n" for i in range(1, 9))

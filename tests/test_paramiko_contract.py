@@ -6,13 +6,13 @@ the range this test has passed on."""
 from __future__ import annotations
 
 import io
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import paramiko
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from emu_helpers import wait_until
 from sshd_server import SSHDServer, find_sshd, start_sshd
 
 if find_sshd() is None:
@@ -114,15 +114,6 @@ def _connect(server: SSHDServer, key: paramiko.PKey) -> paramiko.Transport:
     return transport
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_compat_class_level_internals() -> None:
     import inspect
 
@@ -199,10 +190,10 @@ def test_compat_channel_functions(sshd: tuple[SSHDServer, paramiko.PKey]) -> Non
         _compat.send_eof(chan)
         assert _compat.status_event(chan).wait(10)
         assert _compat.exit_status(chan) == 0
-        assert _wait(lambda: _compat.eof_received(chan))
+        assert wait_until(lambda: _compat.eof_received(chan), what="the server's EOF")
         # wait_channel returns when paramiko closes the channel (it notifies the send
         # condition on close) ...
-        assert _wait(lambda: chan.closed)
+        assert wait_until(lambda: chan.closed, what="the channel to close")
         _compat.wait_channel(chan, lambda: False, step=5.0)
         chan.close()
         _compat.send_eof(chan)  # nothing is sent on a closed channel
@@ -211,9 +202,16 @@ def test_compat_channel_functions(sshd: tuple[SSHDServer, paramiko.PKey]) -> Non
         chan = transport.open_session()
         chan.exec_command("sleep 30")
         flag = threading.Event()
-        waiter = threading.Thread(target=_compat.wait_channel, args=(chan, flag.is_set, 5.0))
+        asked = threading.Event()
+
+        def done() -> bool:
+            asked.set()
+            return flag.is_set()
+
+        waiter = threading.Thread(target=_compat.wait_channel, args=(chan, done, 5.0))
         waiter.start()
-        time.sleep(0.1)
+        # Asked once: it holds chan.lock until it waits, so the wake below comes after.
+        wait_until(asked.is_set, what="wait_channel to check its condition")
         flag.set()
         _compat.wake_channel_waiters(chan)
         waiter.join(2.0)
@@ -303,7 +301,7 @@ def test_compat_adopt_channel(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
         dropped.tag = "dropped"
         del dropped
         gc.collect()
-        assert _wait(lambda: "dropped" in closed, 5.0), closed
+        assert wait_until(lambda: "dropped" in closed, 5.0, lambda: f"'dropped' in {closed}")
     finally:
         transport.close()
 

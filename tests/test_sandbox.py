@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SECRET_KEY
-from emu_helpers import settle_threads
+from emu_helpers import settle_threads, wait_until
 
 from sshbridge import (
     AcceptAnyHostKey,
@@ -171,9 +171,7 @@ def test_timeout_stops_the_remote_process(shell: SandboxSSH) -> None:
         shell.run("echo started; sleep 31.4159; echo never", timeout=1)
     assert info.value.result.stdout == "started\n"
     assert isinstance(info.value, TimeoutError)
-    deadline = time.monotonic() + 5
-    while processes_with("sleep 31.4159") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: processes_with("sleep 31.4159") == [], 5, "the remote sleep to end", 0.1)
     assert processes_with("sleep 31.4159") == []
 
 
@@ -336,7 +334,7 @@ def test_reconnects_with_a_new_session_after_expiry(emu: Emulator, sandbox: str)
     with connect(emu, sandbox, ttl_seconds=2, auto_renew=False) as shell:
         first = shell.session
         assert shell.run("echo 1").stdout == "1\n"
-        time.sleep(2.5)
+        time.sleep(2.5)  # the behaviour: the 2 s session expires
         assert shell.run("echo 2").stdout == "2\n"
         second = shell.session
         assert first is not None and second is not None
@@ -364,7 +362,7 @@ def test_host_key_pinned_across_sessions(emu: Emulator, sandbox: str) -> None:
     with connect(emu, sandbox, ttl_seconds=1) as shell:
         shell.run("true")
         emu.rotate_host_key = True
-        time.sleep(1.3)
+        time.sleep(1.3)  # the behaviour: the 1 s session expires, the next has a new key
         with pytest.raises(HostKeyMismatch) as info:
             shell.run("true")
         assert info.value.expected != info.value.actual
@@ -376,7 +374,7 @@ def test_accept_any_is_explicit_opt_in(emu: Emulator, sandbox: str) -> None:
     emu.rotate_host_key = True
     with connect(emu, sandbox, ttl_seconds=1, host_key_policy=AcceptAnyHostKey()) as shell:
         shell.run("true")
-        time.sleep(1.3)
+        time.sleep(1.3)  # the behaviour: the 1 s session expires, the next has a new key
         assert shell.run("echo again").stdout == "again\n"
 
 
@@ -525,15 +523,11 @@ def test_spare_channel_serves_sequential_commands(emu: Emulator, sandbox: str) -
         assert session is not None
         # The next command's channel is opened in the background, ahead of need: one
         # channel stays open between commands, never more.
-        deadline = time.monotonic() + 5
-        while emu.ssh_channels(session.session_id) < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: emu.ssh_channels(session.session_id) >= 1, 5, "the spare channel")
         assert emu.ssh_channels(session.session_id) == 1
         for _ in range(5):
             assert shell.run("echo x").stdout == "x\n"
             assert emu.ssh_channels(session.session_id) <= 2
-    deadline = time.monotonic() + 5
-    while emu.ssh_channels() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: emu.ssh_channels() == 0, 5, "the channels to close")
     assert emu.ssh_channels() == 0
     assert settle_threads() == []

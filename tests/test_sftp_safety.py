@@ -17,13 +17,13 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
 import pytest
-from conftest import SECRET_KEY
-from emu_helpers import alive, ed25519_pair
+from conftest import SECRET_KEY, running_emulator
+from emu_helpers import alive, ed25519_pair, wait_until
 from minimal_server import VERSION, MinimalServer
 
 from sshbridge import (
@@ -48,16 +48,6 @@ def _payload(size: int) -> bytes:
 
 def _leftovers(directory: Path) -> list[str]:
     return sorted(n for n in os.listdir(directory) if ".sshbridge" in n)
-
-
-def _until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``check`` until it holds or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _umask() -> int:
@@ -85,11 +75,12 @@ def on_minimal(minimal: MinimalServer) -> Iterator[SandboxSSH]:
     """A SandboxSSH whose sessions are served by the minimal server (contract A)."""
     target = OpenSSHTarget(minimal.host, minimal.port, minimal.username,
                            minimal.authorized_keys_file)
-    with Emulator(api_key=SECRET_KEY, openssh=target, contract="sidecar") as emu:
+    with running_emulator(
+        api_key=SECRET_KEY, openssh=target, contract="sidecar", check_closed=True
+    ) as emu:
         sandbox = emu.create_sandbox()
         with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url) as shell:
             yield shell
-        assert emu.open_sessions() == []
 
 
 @pytest.fixture
@@ -181,7 +172,7 @@ def test_minimal_server_caps_exec_channels_and_kills_process_groups(
             refused.exec_command("true")
         assert transport.is_active()  # a refusal, not a dropped connection
         chans[0].close()
-        assert _until(lambda: not alive(helpers[0]))
+        assert wait_until(lambda: not alive(helpers[0]), 5, "the helper to exit", 0.01)
         assert all(alive(pid) for pid in helpers[1:])
         for i in range(20):  # fast commands: the reply always comes before the close
             again = transport.open_session()
@@ -191,7 +182,10 @@ def test_minimal_server_caps_exec_channels_and_kills_process_groups(
     finally:
         transport.close()
     minimal.close()
-    assert not any(alive(pid) for pid in helpers)
+    # Killed with their groups: gone once the kernel has delivered the signal and the
+    # orphans were reaped, which is not the same instant as close() returning.
+    gone = wait_until(lambda: not any(alive(pid) for pid in helpers), 5, "helpers to exit", 0.01)
+    assert gone
     assert [t.name for t in threading.enumerate() if t.name.startswith("minimal-server")] == []
 
 

@@ -8,13 +8,13 @@ import os
 import pathlib
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import paramiko
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from emu_helpers import wait_until
 
 try:  # tests/ without __init__.py: pytest puts tests/ itself on sys.path
     from sshd_server import SSHDServer, find_sshd, start_sshd
@@ -183,15 +183,16 @@ def test_shell_reads_rc_from_pinned_home_and_stop(tmp_path: pathlib.Path) -> Non
         assert "MaxSessions 2" in (server.config_file.read_text() if server.config_file else "")
     finally:
         server.stop()
+
     # After stop() the port no longer accepts connections.
-    deadline = time.monotonic() + 2
-    while True:
+    def refused() -> bool:
         try:
             socket.create_connection((server.host, server.port), timeout=0.5).close()
         except OSError:
-            break
-        assert time.monotonic() < deadline, "sshd still accepting after stop()"
-        time.sleep(0.05)
+            return True
+        return False
+
+    wait_until(refused, 2, "sshd to stop accepting after stop()", 0.05)
     server.stop()  # idempotent
 
 
@@ -239,9 +240,7 @@ def test_preamble_front_checks_the_session_line(
         ]
         for n, line in enumerate(rejected_lines, 1):
             assert raw(front, line) == b""  # closed before any sshd byte
-            deadline = time.monotonic() + 5
-            while front.rejected < n and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: front.rejected >= n, 5, "the front to count it", 0.01)  # noqa: B023
             assert front.rejected == n
         sock = socket.create_connection((front.host, front.port), timeout=5)
         sock.sendall(b"PRIME-SSH-SESSION sess_other\n")

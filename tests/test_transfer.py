@@ -24,6 +24,7 @@ from typing import Any
 
 import paramiko
 import pytest
+from emu_helpers import wait_until
 from pydantic import SecretStr
 from sshd_server import SSHDServer, find_sshd, start_sshd
 
@@ -341,6 +342,25 @@ def test_verify_argument_is_checked(link: Link, rdir: Path, tmp_path: Path) -> N
 # -- resume --------------------------------------------------------------------------------
 
 
+def _held_open(path: Path) -> bool:
+    """True while a local process (the sshd's sftp server, here) has ``path`` open."""
+    target = os.path.realpath(path)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == target:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def _record(monkeypatch: pytest.MonkeyPatch, name: str) -> list[_transfer.TransferStats]:
     """Collect the stats of every engine call, to count what was really sent."""
     calls: list[_transfer.TransferStats] = []
@@ -372,8 +392,8 @@ def test_resumed_upload_sends_only_the_rest(
     with pytest.raises(ConnectionLost):
         _sftp.put(link, src, str(target), callback=cut, resume=True)
     assert not target.exists()
-    # Give sshd a moment to apply what it had already received.
-    time.sleep(0.2)
+    # sshd applies what it had already received, then lets go of the file.
+    wait_until(lambda: not _held_open(part), 10, "sshd to close the partial file")
     kept = part.stat().st_size
     assert 4_000_000 <= kept < len(data)
     assert part.read_bytes() == data[:kept]

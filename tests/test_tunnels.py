@@ -7,7 +7,6 @@ import contextlib
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     start_echo_server,
     stop_echo_server,
 )
+from emu_helpers import wait_until
 
 from sshbridge import InvalidArgument, SandboxSSH, SSHError
 from sshbridge._tunnels import PortForwardError
@@ -271,7 +271,7 @@ def test_forward_remote_refused_is_an_ssh_error(shell: SandboxSSH) -> None:
         shell.forward_remote(0, 9, remote_host="0.0.0.0").start()
     assert isinstance(info.value, SSHError)
     assert "refused" in str(info.value)
-    time.sleep(0)  # the connection stays usable after a refusal
+    # The connection stays usable after a refusal.
     assert shell.run("echo ok").stdout == "ok\n"
 
 
@@ -348,9 +348,7 @@ def test_forwards_against_openssh(sshd: Any, tmp_path: Path) -> None:
                 f"nohup python3 {script} {port_file} >/dev/null 2>&1 & echo $! > {tmp_path}/pid",
                 check=True,
             )
-            deadline = time.monotonic() + 10
-            while not port_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(port_file.exists, 10, "the echo server to start")
             remote_port = int(port_file.read_text())
             try:
                 # More simultaneous channels than sshd's MaxSessions: direct-tcpip is not
