@@ -4,11 +4,13 @@ Like OpenSSH's ControlMaster/ControlPersist. The first CLI call for a sandbox st
 holder (this module's ``main``, run with the client's own copy of the package) that keeps
 a ``SandboxSSH`` open and renewing, and later calls attach to it over a Unix socket (see
 ``sshbridge_fast._protocol`` for the wire): ``exec``, ``ssh`` without a terminal, and
-``cp`` (the holder runs the copy on paths the client made absolute). The holder exits,
+``cp`` (the holder runs the copy on paths the client made absolute), and ``forward``
+(the holder listens, as this user, while the client stays connected). The holder exits,
 DELETEing its sessions and removing its socket, lock, log and pid files, after
-``persist`` idle seconds, on ``sshbridge close``, on SIGTERM/SIGINT/SIGHUP, when its
-sandbox or key fails for good, or, while it starts, when the client that started it goes
-away. A holder that cannot open its session tells that client why.
+``persist`` idle seconds (never while a job or forward is attached), on ``sshbridge
+close``, on SIGTERM/SIGINT/SIGHUP, when its sandbox or key fails for good, or, while it
+starts, when the client that started it goes away. A holder that cannot open its session
+tells that client why.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from ._exceptions import (
 )
 from ._sandbox import SandboxSSH
 from ._stream import command_of, stream_command
+from ._tunnels import LocalForward, RemoteForward
 
 log = logging.getLogger("sshbridge.holder")
 
@@ -480,6 +483,8 @@ class Holder:
         self.replied = threading.Event()  # the answer to a `close` request is sent
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        # Written once on shutdown and never read: every attached forward sees it.
+        self.quit_r, self.quit_w = os.pipe()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.bound_inode: int | None = None
         self.umask = _UmaskGate()
@@ -558,6 +563,8 @@ class Holder:
             with contextlib.suppress(OSError):
                 self.listener.close()
             self.wake()
+            with contextlib.suppress(OSError):
+                os.write(self.quit_w, b"x")
             self.shell.close()  # DELETEs every session it created
         finally:
             self.done.set()
@@ -595,6 +602,8 @@ class Holder:
                 self.exec(conn, message, reader.fds)
             elif op == "cp":
                 self.copy(conn, message)
+            elif op == "forward":
+                self.forward(conn, message)
             elif op == "info":
                 _protocol.send_message(conn, self.info())
             elif op == "ping":
@@ -723,6 +732,78 @@ class Holder:
                 _protocol.send_message(conn, reply)
         finally:
             self._end(fatal)
+
+    def forward(self, conn: socket.socket, job: dict[str, Any]) -> None:
+        specs = job.get("forwards")
+        if not (isinstance(specs, list) and specs and all(isinstance(f, dict) for f in specs)):
+            _protocol.send_message(conn, {"status": 2, "error": "forward needs its forwards"})
+            return
+        if not self._begin(conn, job):
+            return
+        fatal = False
+        opened: list[LocalForward | RemoteForward] = []
+        try:
+            try:
+                ports = [self._open_forward(spec, opened) for spec in specs]
+            except (SSHBridgeError, OSError) as exc:
+                for fwd in reversed(opened):
+                    fwd.close()
+                opened.clear()
+                reply = self._forward_failure(exc)
+                fatal = bool(reply.pop("fatal"))
+                with contextlib.suppress(OSError):
+                    _protocol.send_message(conn, reply)
+                return
+            _protocol.send_message(conn, {"forwarding": ports})
+            # The client sends nothing more: anything readable on its connection is its
+            # going away (EOF, reset). Our own shutdown ends the forwards too.
+            poller = select.poll()
+            poller.register(conn, select.POLLIN)
+            poller.register(self.quit_r, select.POLLIN)
+            closing = any(fd == self.quit_r for fd, _event in poller.poll())
+            for fwd in reversed(opened):
+                fwd.close()
+            opened.clear()
+            final: dict[str, Any] = {"status": 0, "error": None}
+            if closing:
+                final = {"status": 1, "error": "the session holder closed; forwarding stopped"}
+            with contextlib.suppress(OSError):
+                _protocol.send_message(conn, final)
+        finally:
+            for fwd in reversed(opened):
+                fwd.close()
+            self._end(fatal)
+
+    def _open_forward(
+        self, spec: dict[str, Any], opened: list[LocalForward | RemoteForward]
+    ) -> int:
+        """Start one forward on our session (listening in this process, or in the sandbox
+        for a reverse one); its bound port."""
+        listen, target, host, bind = (spec.get(k) for k in ("listen", "target", "host", "bind"))
+        if not (
+            isinstance(listen, int)
+            and isinstance(target, int)
+            and isinstance(host, str)
+            and isinstance(bind, str)
+        ):
+            raise InvalidArgument("a forward needs listen and target ports, host and bind")
+        fwd: LocalForward | RemoteForward
+        if spec.get("reverse"):
+            fwd = self.shell.forward_remote(listen, target, local_host=host, remote_host=bind)
+        else:
+            fwd = self.shell.forward(target, listen, host, bind)
+        port = fwd.start()
+        opened.append(fwd)
+        return port
+
+    def _forward_failure(self, exc: SSHBridgeError | OSError) -> dict[str, Any]:
+        """The direct path's status for a failed forward: 2 for a bad argument, else 1."""
+        if isinstance(exc, SSHBridgeError):
+            reply, fatal = self._failure(exc)
+            reply["status"] = 2 if isinstance(exc, InvalidArgument) else 1
+            reply["fatal"] = fatal
+            return reply
+        return {"status": 1, "error": error_text(exc), "fatal": False}
 
     def _sandbox_gone(self) -> bool:
         try:

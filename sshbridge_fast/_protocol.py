@@ -16,6 +16,11 @@ request (``op``):
 * ``cp``: a copy (``direction`` ``put``/``get``, absolute ``local`` path, ``remote``
   path, ``recursive``, ``progress``) run by the holder on its session; with
   ``progress`` it sends ``{"progress": [name, done, total]}`` lines as it goes.
+* ``forward``: port forwards (``forwards``: a list of ``listen`` and ``target`` ports,
+  ``host``, ``bind``, ``reverse``) the holder starts on its session and keeps while the
+  client stays connected. After ``accepted`` it answers ``{"forwarding": [PORT, ...]}``
+  (the bound ports, in order) or a final status; the client's EOF closes them, and the
+  holder confirms with ``{"status": 0, "error": null}``.
 * ``info``, ``ping``, ``close``: one answer each.
 
 For ``exec`` and ``cp`` the holder answers ``{"accepted": true}`` once it has taken the

@@ -5,11 +5,16 @@ real holder processes, the real emulator."""
 # ruff: noqa: F811 - pytest fixtures imported from cli_helpers are parameters here
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
+import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -459,3 +464,188 @@ def test_ctrl_c_abandons_a_copy_in_the_holder(
     assert (r.returncode, r.stdout) == (0, b"still\n")
     rows = json.loads(run_cli("sessions", "--json", env=cli_env).stdout)
     assert [row["active"] for row in rows] == [0]
+
+
+# -- forward through the holder -----------------------------------------------------------
+
+
+def _start_http_server(sandbox: str, env: dict[str, str], box: Path) -> int:
+    """`python3 -m http.server` in the sandbox, started through the holder; its port."""
+    r = fast(
+        "exec",
+        sandbox,
+        "--",
+        "nohup python3 -u -m http.server 0 --bind 127.0.0.1 </dev/null >http.log 2>&1 &"
+        " echo $! > http.pid",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    log = box / "http.log"
+    found: list[int] = []
+
+    def serving() -> bool:
+        m = re.search(r"port (\d+)", log.read_text() if log.exists() else "")
+        if m:
+            found.append(int(m.group(1)))
+        return bool(m)
+
+    wait_until(serving, 20, "the HTTP server to start in the sandbox")
+    return found[0]
+
+
+def _stop_http_server(box: Path) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int((box / "http.pid").read_text().strip()), signal.SIGTERM)
+
+
+def _start_forward(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`sshbridge forward ...` running; the local port it printed."""
+    proc = subprocess.Popen(
+        [*CLI, "forward", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    m = re.match(r"sshbridge: forwarding 127\.0\.0\.1:(\d+) -> sandbox \S+ 127\.0\.0\.1:\d+$", line)
+    assert m, (line, proc.stderr.read().decode() if proc.poll() is not None else "")
+    assert proc.stderr.readline() == b"sshbridge: press Ctrl-C to stop\n"
+    return proc, int(m.group(1))
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False  # caught in the backlog of a listener being closed: not yet
+    return False
+
+
+def _active(env: dict[str, str]) -> list[int]:
+    rows = json.loads(run_cli("sessions", "--json", env=env).stdout)
+    return [row["active"] for row in rows]
+
+
+@pytest.mark.contracts
+def test_forward_goes_through_the_holder_until_the_client_goes(
+    emu: Emulator, sandbox: str, cli_env: dict[str, str]
+) -> None:
+    box = emu.sandbox_dir(sandbox)
+    (box / "hello.txt").write_text("hello from the sandbox\n")
+    try:
+        remote = _start_http_server(sandbox, cli_env, box)
+        [pid] = holder_pids(rt_root(cli_env))
+        # Ctrl-C, SIGTERM and SIGKILL of the client: each time the holder closes that
+        # forward (its port refuses connections) and stays.
+        for how in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            proc, port = _start_forward(cli_env, sandbox, f"0:127.0.0.1:{remote}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello.txt", timeout=15) as f:
+                    assert f.read() == b"hello from the sandbox\n"
+                # Attached, the holder is not idle.
+                assert _active(cli_env) == [1]
+                proc.send_signal(how)
+                _out, err = proc.communicate(timeout=30)
+            finally:
+                proc.kill()
+                proc.wait()
+            if how == signal.SIGKILL:
+                wait_until(lambda p=port: _refused(p), 15, "the holder to close the forward")
+            else:
+                # As without a holder: "stopping", status 0; the port is closed by then.
+                assert (proc.returncode, err) == (0, b"sshbridge: stopping\n")
+                assert _refused(port)
+            assert holder_pids(rt_root(cli_env)) == [pid]
+            wait_until(lambda: _active(cli_env) == [0], 15, "the forward to end in the holder")
+        r = fast("exec", sandbox, "--", "echo still", env=cli_env)
+        assert (r.returncode, r.stdout) == (0, b"still\n")
+        # One session for the server, three forwards and the exec.
+        assert creates(emu, sandbox) == 1
+    finally:
+        _stop_http_server(box)
+
+
+def test_forward_port_in_use_is_reported_as_without_a_holder(
+    emu: Emulator, sandbox: str, cli_env: dict[str, str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = run_cli("forward", sandbox, f"{port}:127.0.0.1:9", env=cli_env)
+        assert r.returncode == 1, r.stderr
+        line = one_error_line(r.stderr)
+        assert f"cannot listen on 127.0.0.1:{port}" in line, line
+        [pid] = holder_pids(rt_root(cli_env))
+        assert creates(emu, sandbox) == 1
+        # The direct path: the same line and status, on a session of its own.
+        direct = run_cli("--no-persist", "forward", sandbox, f"{port}:127.0.0.1:9", env=cli_env)
+        assert (direct.returncode, direct.stderr) == (1, r.stderr)
+        assert creates(emu, sandbox) == 2
+        # A forward that fails after another started: neither stays open.
+        other = socket.create_server(("127.0.0.1", 0))
+        free = other.getsockname()[1]
+        other.close()
+        r = run_cli("forward", sandbox, f"{free}:127.0.0.1:9", f"{port}:127.0.0.1:9", env=cli_env)
+        assert r.returncode == 1 and f"127.0.0.1:{port}" in one_error_line(r.stderr)
+        assert _refused(free)
+    assert holder_pids(rt_root(cli_env)) == [pid]
+    assert _active(cli_env) == [0]
+
+
+def test_reverse_forward_goes_through_the_holder(
+    emu: Emulator, sandbox: str, cli_env: dict[str, str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        local = server.getsockname()[1]
+
+        def echo_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"echo:" + conn.recv(100))
+
+        threading.Thread(target=echo_once, daemon=True).start()
+        proc = subprocess.Popen(
+            [*CLI, "forward", "-R", sandbox, f"0:127.0.0.1:{local}"],
+            env=cli_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        try:
+            line = proc.stderr.readline().decode()
+            m = re.match(
+                rf"sshbridge: forwarding sandbox 127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:{local}$", line
+            )
+            assert m, line
+            probe = (
+                f"import socket; s = socket.create_connection(('127.0.0.1', {m.group(1)})); "
+                "s.sendall(b'ping'); print(s.recv(100).decode())"
+            )
+            r = fast("exec", sandbox, "--", "python3", "-c", probe, env=cli_env)
+            assert (r.returncode, r.stdout) == (0, b"echo:ping\n"), r.stderr
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+    assert creates(emu, sandbox) == 1
+    assert _active(cli_env) == [0]
+
+
+def test_closing_the_holder_ends_an_attached_forward(
+    emu: Emulator, sandbox: str, cli_env: dict[str, str]
+) -> None:
+    proc, port = _start_forward(cli_env, sandbox, "0:127.0.0.1:9")
+    try:
+        [pid] = holder_pids(rt_root(cli_env))
+        assert run_cli("close", sandbox, env=cli_env).returncode == 0
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1 and "forwarding stopped" in one_error_line(err)
+        assert wait_gone(pid) and _refused(port)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,20 +1,29 @@
-"""forward: local ports carried into the sandbox."""
+"""forward: local ports carried into the sandbox, through a holder when one is live."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
+import socket
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from sshbridge_fast import _protocol
+
+from .._api import validate_sandbox_id
+from .._config import load_config
+from .._holder import HolderStartError, ensure_holder
 from ._app import (
+    CLIError,
+    Globals,
     SandboxArg,
     app,
     connect,
     err,
+    globals_of,
     guard,
     interrupts_as_keyboard,
 )
@@ -83,6 +92,23 @@ def forward_cmd(
 ) -> int:
     """Forward ports between here and SANDBOX until Ctrl-C (like ssh -L, or -R)."""
     parsed = [_parse_spec(s) for s in specs]
+    g = globals_of(ctx)
+    if g.persist is not None:
+        validate_sandbox_id(sandbox)
+        forwards = [
+            {
+                "listen": listen,
+                "target": target,
+                "host": host,
+                "bind": (spec_bind or "127.0.0.1") if reverse else (spec_bind or bind),
+                "reverse": reverse,
+            }
+            for spec_bind, listen, host, target in parsed
+        ]
+        with interrupts_as_keyboard():
+            held = _in_holder(g, sandbox, forwards)
+        if held is not None:
+            return held
     with interrupts_as_keyboard(), connect(ctx, sandbox) as shell, contextlib.ExitStack() as st:
         for spec_bind, listen, host, target in parsed:
             if reverse:
@@ -103,3 +129,93 @@ def forward_cmd(
         except KeyboardInterrupt:
             err("stopping")
     return 0
+
+
+def _describe(sandbox: str, forward: dict[str, Any], port: int) -> str:
+    """The line the direct path prints for one started forward."""
+    bind, host, target = forward["bind"], forward["host"], forward["target"]
+    if forward["reverse"]:
+        return f"forwarding sandbox {bind}:{port} -> {host}:{target}"
+    return f"forwarding {bind}:{port} -> sandbox {sandbox} {host}:{target}"
+
+
+def _in_holder(g: Globals, sandbox: str, forwards: list[dict[str, Any]]) -> int | None:
+    """Run the forwards in this sandbox's session holder (started if need be) until
+    Ctrl-C or SIGTERM (as KeyboardInterrupt); the exit status. None if holders cannot be
+    used here."""
+    assert g.persist is not None
+    config = load_config(api_key=g.api_key, base_url=g.base_url)
+    job = {"op": "forward", "forwards": forwards, "persist": g.persist}
+    for _attempt in range(3):
+        try:
+            path = ensure_holder(config, sandbox, ttl=g.ttl, persist=g.persist, verbose=g.verbose)
+        except HolderStartError as exc:
+            raise CLIError(str(exc), exc.code) from None
+        if path is None:
+            return None
+        try:
+            sock = _protocol.connect(path)
+        except _protocol.HolderUnavailable:
+            continue
+        with sock:
+            reader = _protocol.LineReader(sock)
+            try:
+                # Until "accepted" nothing ran: a holder exiting (idle) as we came is
+                # someone to start again.
+                _protocol.send_message(sock, job)
+                first = reader.read()
+            except OSError:
+                continue
+            if first is None or not first.get("accepted"):
+                if first is not None and "status" in first:
+                    raise CLIError(str(first.get("error")), int(first["status"]) or 1)
+                continue
+            return _attached(sandbox, forwards, sock, reader)
+    raise CLIError("could not reach a session holder (try --no-persist)", 255)
+
+
+def _attached(
+    sandbox: str,
+    forwards: list[dict[str, Any]],
+    sock: socket.socket,
+    reader: _protocol.LineReader,
+) -> int:
+    """Print the forwards the holder started and hold them open until interrupted; the
+    holder closes them when our connection ends."""
+    try:
+        answer = reader.read()
+    except (OSError, _protocol.ProtocolError) as exc:
+        raise CLIError(f"the session holder went away: {exc}", 1) from None
+    if answer is None:
+        raise CLIError("the session holder went away before forwarding", 1)
+    ports = answer.get("forwarding")
+    if not isinstance(ports, list) or len(ports) != len(forwards):
+        raise CLIError(
+            str(answer.get("error") or "forwarding failed"), int(answer.get("status") or 1)
+        )
+    for forward, port in zip(forwards, ports, strict=True):
+        err(_describe(sandbox, forward, int(port)))
+    err("press Ctrl-C to stop")
+    try:
+        final = reader.read()  # nothing comes until the holder itself stops
+    except KeyboardInterrupt:
+        err("stopping")
+        _release(sock, reader)
+        return 0
+    except (OSError, _protocol.ProtocolError):
+        final = None
+    if final is None:
+        raise CLIError("the session holder went away; forwarding stopped", 1)
+    raise CLIError(str(final.get("error") or "forwarding stopped"), int(final.get("status") or 1))
+
+
+def _release(sock: socket.socket, reader: _protocol.LineReader) -> None:
+    """End our forwards (our EOF) and wait, bounded, until the holder says they are
+    closed, so their ports are free once we exit."""
+    with contextlib.suppress(OSError, _protocol.ProtocolError, KeyboardInterrupt):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(15.0)
+        while True:
+            answer = reader.read()
+            if answer is None or "status" in answer:
+                return
