@@ -59,6 +59,18 @@ log = logging.getLogger("sshbridge.holder")
 _FATAL = (SandboxError, AuthenticationError, NotFound)
 
 
+
+def _linger(conn: socket.socket, bound: float = 1.0) -> None:
+    """Close our side for writing, then drain what the peer sends (briefly) before the
+    socket closes: closing with its request unread would make its send fail (EPIPE) or
+    its read reset, so it would never see the answer already sent."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(bound)
+        end = time.monotonic() + bound
+        while time.monotonic() < end and conn.recv(65536):
+            pass
+
 class HolderStartError(SSHBridgeError):
     """The holder could not open its session (the message says why)."""
 
@@ -593,6 +605,7 @@ class Holder:
                 _protocol.send_message(
                     conn, {"status": 255, "error": "refused: the holder belongs to another user"}
                 )
+                _linger(conn)
                 return
             message = reader.read(maxfds=3)
             if message is None:
