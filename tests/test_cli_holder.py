@@ -556,8 +556,8 @@ def test_forward_goes_through_the_holder_until_the_client_goes(
             if how == signal.SIGKILL:
                 wait_until(lambda p=port: _refused(p), 15, "the holder to close the forward")
             else:
-                # As without a holder: "stopping", status 0; the port is closed by then.
-                assert (proc.returncode, err) == (0, b"sshbridge: stopping\n")
+                # As without a holder: "stopping", status 130; the port is closed by then.
+                assert (proc.returncode, err) == (130, b"sshbridge: stopping\n")
                 assert _refused(port)
             assert holder_pids(rt_root(cli_env)) == [pid]
             wait_until(lambda: _active(cli_env) == [0], 15, "the forward to end in the holder")
@@ -628,7 +628,7 @@ def test_reverse_forward_goes_through_the_holder(
             r = fast("exec", sandbox, "--", "python3", "-c", probe, env=cli_env)
             assert (r.returncode, r.stdout) == (0, b"echo:ping\n"), r.stderr
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(30) == 0
+            assert proc.wait(30) == 130  # Ctrl-C, as for every command
         finally:
             proc.kill()
             proc.wait()

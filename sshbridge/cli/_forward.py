@@ -128,7 +128,7 @@ def forward_cmd(
                 time.sleep(3600)
         except KeyboardInterrupt:
             err("stopping")
-    return 0
+    return 130  # stopped by Ctrl-C or SIGTERM, the only ways it ends well: as every command
 
 
 def _describe(sandbox: str, forward: dict[str, Any], port: int) -> str:
@@ -201,7 +201,7 @@ def _attached(
     except KeyboardInterrupt:
         err("stopping")
         _release(sock, reader)
-        return 0
+        return 130
     except (OSError, _protocol.ProtocolError):
         final = None
     if final is None:
