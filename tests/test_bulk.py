@@ -521,7 +521,9 @@ def test_a_put_pays_few_sequential_round_trips(
     _sftp.put(link, src, str(rdir / "sub") + "/")
     monkeypatch.undo()
     assert _sha(rdir / "sub" / "f.bin") == digest
-    assert tap.deepest() <= 5, tap.chains
+    # On several channels the rename also waits for the last acknowledgement of another
+    # channel, which can land one step later in the chain when the machine is loaded.
+    assert tap.deepest() <= (5 if size < 32 * MIB else 6), tap.chains
 
 
 @pytest.mark.parametrize("size", [1 * MIB, 40 * MIB])
