@@ -357,11 +357,18 @@ class APIClient:
         try:
             body = self._post_session(sid, ttl, send_key, budget_wait)
         except RequestValidationError as exc:
-            if send_key is None or not _names_field(exc, "public_key"):
+            if public_key is None or not _names_field(exc, "public_key"):
                 raise
-            log.info("the API does not take public_key in the session POST; asking without it")
-            _REFUSES_PUBLIC_KEY.add(base)
-            body = self._post_session(sid, ttl, None, budget_wait)
+            if send_key is None:
+                # Remembered as refusing the key, but now it requires one (the server
+                # changed): forget that and ask again, with the key.
+                _REFUSES_PUBLIC_KEY.discard(base)
+                body = self._post_session(sid, ttl, public_key, budget_wait)
+            else:
+                log.info("the API does not take public_key in the session POST; asking without it")
+                _REFUSES_PUBLIC_KEY.add(base)
+                body = self._post_session(sid, ttl, None, budget_wait)
+            send_key = None if send_key is not None else public_key
         session = self._session_from(sid, body)
         if public_key is not None and send_key is None and session.contract == "vm":
             # A contract-B answer to a POST without the key (the server changed since it

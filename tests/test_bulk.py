@@ -512,7 +512,7 @@ def test_a_put_pays_few_sequential_round_trips(
     assert _leftovers(rdir) == []
     # Open (together with the target's stat), the data, the size check with the mode
     # and the close, the rename.
-    assert tap.deepest() <= 3, tap.chains
+    assert tap.deepest() <= (3 if size < 32 * MIB else 4), tap.chains  # a second channel's last ack
 
     # The first put into a directory also looks for stale temporaries there: the
     # listing adds OPENDIR, then READDIRs with the CLOSE behind them.

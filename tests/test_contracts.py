@@ -219,3 +219,20 @@ def test_fleet_in_both_contracts(emu: Emulator, contract: str) -> None:
         }
     if contract == "vm":
         assert emu.preamble_rejections == 0
+
+
+@pytest.mark.one_contract
+def test_a_url_remembered_as_refusing_the_key_that_now_requires_it(emu: Emulator) -> None:
+    """A base URL once answered 422 to public_key (contract A), then a contract-B server
+    came up there (one that requires the key): the memory is dropped, not obeyed."""
+    from sshbridge import _api
+
+    sandbox = emu.create_sandbox()
+    _api._REFUSES_PUBLIC_KEY.add(emu.base_url)
+    try:
+        with SandboxSSH(sandbox, api_key=emu.api_key, base_url=emu.base_url) as shell:
+            assert shell.run("echo ok").stdout == "ok\n"
+        assert emu.base_url not in _api._REFUSES_PUBLIC_KEY
+    finally:
+        _api._REFUSES_PUBLIC_KEY.discard(emu.base_url)
+    assert emu.open_sessions() == []
