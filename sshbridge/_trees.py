@@ -1452,12 +1452,16 @@ def pull_tree(
 # -- tar ----------------------------------------------------------------------------------
 
 
-class _ChannelReader(io.RawIOBase):
-    """A channel's stdout as a raw stream, counting what it read."""
+class _ChannelStream(io.RawIOBase):
+    """A channel as a raw stream: the base of the reader and the writer below."""
 
     def __init__(self, chan: paramiko.Channel) -> None:
         super().__init__()
         self.chan = chan
+
+
+class _ChannelReader(_ChannelStream):
+    """A channel's stdout as a raw stream, counting what it read."""
 
     def readable(self) -> bool:
         return True
@@ -1469,11 +1473,7 @@ class _ChannelReader(io.RawIOBase):
         return n
 
 
-class _ChannelWriter(io.RawIOBase):
-    def __init__(self, chan: paramiko.Channel) -> None:
-        super().__init__()
-        self.chan = chan
-
+class _ChannelWriter(_ChannelStream):
     def writable(self) -> bool:
         return True
 

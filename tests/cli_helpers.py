@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CONTRACTS, running_emulator
@@ -161,16 +162,18 @@ def cli_env(emu: Emulator, tmp_path: Path) -> Iterator[dict[str, str]]:
     release_runtime(tmp_path)
 
 
-def run_cli(
-    *args: str,
+def run_argv(
+    argv: list[str],
+    *,
     env: dict[str, str],
     input: bytes | None = None,
     timeout: float = 30,
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """The full CLI (``python -m sshbridge.cli``); stdin empty unless ``input``."""
+    """Run ``argv`` to its end, output captured, whatever its status; stdin empty unless
+    ``input``."""
     return subprocess.run(
-        [*CLI, *args],
+        argv,
         env=env,
         input=input,
         stdin=None if input is not None else subprocess.DEVNULL,
@@ -181,29 +184,37 @@ def run_cli(
     )
 
 
-def fast(
-    *args: str,
-    env: dict[str, str],
-    input: bytes | None = None,
-    timeout: float = 30,
-    cwd: str | os.PathLike[str] | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    """The installed console script's path (``sshbridge = sshbridge_fast:main``)."""
-    return subprocess.run(
-        [*FAST_CLI, *args],
+def run_cli(*args: str, **options: Any) -> subprocess.CompletedProcess[bytes]:
+    """The full CLI (``python -m sshbridge.cli``); ``env=`` and the other options of
+    ``run_argv`` (stdin empty unless ``input``)."""
+    return run_argv([*CLI, *args], **options)
+
+
+def fast(*args: str, **options: Any) -> subprocess.CompletedProcess[bytes]:
+    """The installed console script's path (``sshbridge = sshbridge_fast:main``); options
+    as for ``run_cli``."""
+    return run_argv([*FAST_CLI, *args], **options)
+
+
+def spawn(argv: list[str], *, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in the background: stdin empty, stdout and stderr piped."""
+    return subprocess.Popen(
+        argv,
         env=env,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        timeout=timeout,
-        cwd=cwd,
-        check=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
+
+
+def rt_root(env: dict[str, str]) -> Path:
+    """The test's XDG_RUNTIME_DIR (the holders' directory is below it: ``runtime``)."""
+    return Path(env["XDG_RUNTIME_DIR"])
 
 
 def runtime(env: dict[str, str]) -> Path:
     """The holders' directory under the test's XDG_RUNTIME_DIR."""
-    return Path(env["XDG_RUNTIME_DIR"]) / "sshbridge"
+    return rt_root(env) / "sshbridge"
 
 
 def creates(emu: Emulator, sid: str) -> int:
@@ -233,16 +244,15 @@ def git_env(env: dict[str, str]) -> dict[str, str]:
 
 def git(*args: str, env: dict[str, str], cwd: Path | None = None) -> None:
     """Run git (stdin empty, 60 s at most); it must succeed."""
-    r = subprocess.run(
-        ["git", *args],
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    r = run_argv(["git", *args], env=env, cwd=cwd, timeout=60)
     assert r.returncode == 0, (args, r.stderr)
+
+
+def rsync(*args: str, env: dict[str, str]) -> None:
+    """Run ``rsync -a -e 'sshbridge ssh' ARGS`` (stdin empty, 60 s at most); it must
+    succeed. ``env`` must put the console script on PATH (``with_console_script``)."""
+    r = run_argv(["rsync", "-a", "-e", "sshbridge ssh", *args], env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def one_error_line(stderr: bytes) -> str:

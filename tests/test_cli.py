@@ -26,6 +26,7 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     one_error_line,
     run_cli,
     sandbox,
+    spawn,
     start_echo_server,
     stop_echo_server,
 )
@@ -43,12 +44,9 @@ pytestmark = pytest.mark.timeout(60)
 def test_exec_streams_output_before_exit_and_passes_status(
     sandbox: str, cli_env: dict[str, str]
 ) -> None:
-    proc = subprocess.Popen(
+    proc = spawn(
         [*CLI, "exec", sandbox, "--", "echo first; echo oops >&2; sleep 1.5; echo second; exit 3"],
         env=cli_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:
@@ -247,13 +245,7 @@ def test_forward_carries_tcp_until_ctrl_c(
     emu: Emulator, sandbox: str, cli_env: dict[str, str]
 ) -> None:
     remote_port = start_echo_server(emu, sandbox)
-    proc = subprocess.Popen(
-        [*CLI, "forward", sandbox, f"0:127.0.0.1:{remote_port}"],
-        env=cli_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = spawn([*CLI, "forward", sandbox, f"0:127.0.0.1:{remote_port}"], env=cli_env)
     assert proc.stderr is not None
     try:
         line = proc.stderr.readline().decode()
@@ -382,13 +374,7 @@ def test_ssh_restores_the_terminal_on_sigterm(sandbox: str, cli_env: dict[str, s
 def test_exec_interrupted_is_one_line(
     sandbox: str, cli_env: dict[str, str], sig: int, code: int, line: str
 ) -> None:
-    proc = subprocess.Popen(
-        [*CLI, "exec", sandbox, "--", "echo started; sleep 30"],
-        env=cli_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = spawn([*CLI, "exec", sandbox, "--", "echo started; sleep 30"], env=cli_env)
     assert proc.stdout is not None and proc.stderr is not None
     try:
         assert proc.stdout.readline() == b"started\n"
@@ -475,13 +461,7 @@ def test_version(cli_env: dict[str, str]) -> None:
 
 def test_emulator_command(cli_env: dict[str, str], tmp_path: Path) -> None:
     env = {k: v for k, v in cli_env.items() if not k.startswith("PRIME_")}
-    proc = subprocess.Popen(
-        [*CLI, "emulator", "--sandboxes", "2"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = spawn([*CLI, "emulator", "--sandboxes", "2"], env=env)
     assert proc.stdout is not None
     try:
         exports: dict[str, str] = {}
@@ -508,13 +488,7 @@ def test_exec_exits_255_when_the_connection_is_lost(
     emu: Emulator, sandbox: str, cli_env: dict[str, str], persist: str
 ) -> None:
     """As ssh does: a connection lost mid-command is 255, never the remote's status."""
-    proc = subprocess.Popen(
-        [*CLI, persist, "exec", sandbox, "--", "echo started; sleep 7.3141"],
-        env=cli_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = spawn([*CLI, persist, "exec", sandbox, "--", "echo started; sleep 7.3141"], env=cli_env)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"started\n"

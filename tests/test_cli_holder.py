@@ -31,9 +31,13 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     git_env,
     holder_pids,
     one_error_line,
+    rsync,
+    rt_root,
+    run_argv,
     run_cli,
     runtime,
     sandbox,
+    spawn,
     wait_gone,
     wait_until,
     with_console_script,
@@ -42,10 +46,6 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
 from sshbridge.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def rt_root(env: dict[str, str]) -> Path:
-    return Path(env["XDG_RUNTIME_DIR"])
 
 
 def holder_files(env: dict[str, str]) -> list[str]:
@@ -106,14 +106,7 @@ def test_ssh_connection_failure_through_the_holder_is_255(
 ) -> None:
     sid = emu.create_sandbox(status="STOPPED")
     for cli in (FAST_CLI, CLI):
-        r = subprocess.run(
-            [*cli, "ssh", sid, "true"],
-            env=cli_env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+        r = run_argv([*cli, "ssh", sid, "true"], env=cli_env, timeout=60)
         assert r.returncode == 255, r.stderr
         one_error_line(r.stderr)
     assert holder_processes(cli_env) == []
@@ -128,21 +121,10 @@ def test_rsync_and_git_share_one_holder(
     (src / "sub" / "blob").write_bytes(os.urandom(300_000))
     env = with_console_script(cli_env)
 
-    def rsync(*args: str) -> None:
-        r = subprocess.run(
-            ["rsync", "-a", "-e", "sshbridge ssh", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert r.returncode == 0, r.stderr
-
-    rsync(f"{src}/", f"{sandbox}:dest/")
+    rsync(f"{src}/", f"{sandbox}:dest/", env=env)
     (src / "a file.txt").write_text("changed\n")
-    rsync(f"{src}/", f"{sandbox}:dest/")  # an incremental run
-    rsync(f"{sandbox}:dest/", f"{tmp_path / 'back'}/")
+    rsync(f"{src}/", f"{sandbox}:dest/", env=env)  # an incremental run
+    rsync(f"{sandbox}:dest/", f"{tmp_path / 'back'}/", env=env)
     assert (tmp_path / "back" / "a file.txt").read_text() == "changed\n"
     assert (tmp_path / "back" / "sub" / "blob").read_bytes() == (src / "sub" / "blob").read_bytes()
 
@@ -240,14 +222,7 @@ def test_start_failures_are_reported_not_timed_out(
     for what, env, sid, code in cases:
         for cli in (FAST_CLI, CLI):
             start = time.monotonic()
-            r = subprocess.run(
-                [*cli, "exec", sid, "--", "true"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
+            r = run_argv([*cli, "exec", sid, "--", "true"], env=env, timeout=60)
             line = one_error_line(r.stderr)
             assert r.returncode == code, (what, line)
             assert "holder" not in line and "timed out" not in line, (what, line)
@@ -267,13 +242,7 @@ def test_ctrl_c_while_the_holder_starts_leaves_nothing(
 ) -> None:
     emu.exposure_delay = 30.0  # the session's SSH port opens late: the start hangs
     try:
-        proc = subprocess.Popen(
-            [*FAST_CLI, "exec", sandbox, "--", "echo never"],
-            env=cli_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        proc = spawn([*FAST_CLI, "exec", sandbox, "--", "echo never"], env=cli_env)
         # The holder exists and has created its session: it is in the middle of starting.
         wait_until(lambda: creates(emu, sandbox) == 1, timeout=20, what="the holder's session POST")
         assert len(holder_processes(cli_env)) == 1
@@ -362,14 +331,7 @@ def test_symlinks_planted_in_the_runtime_dir_are_not_followed(
     # A planted lock: refused, with a message that says why; nothing written through it.
     (d / f"{stem}.lock").symlink_to(victim)
     for cli in (FAST_CLI, CLI):
-        r = subprocess.run(
-            [*cli, "exec", sandbox, "--", "true"],
-            env=cli_env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+        r = run_argv([*cli, "exec", sandbox, "--", "true"], env=cli_env, timeout=60)
         assert r.returncode == 1 and "symbolic link" in one_error_line(r.stderr)
     assert holder_processes(cli_env) == []
     (d / f"{stem}.lock").unlink()
@@ -391,14 +353,7 @@ def test_runtime_dir_not_private_is_refused(
     d.chmod(0o755)
     try:
         for cli in (FAST_CLI, CLI):
-            r = subprocess.run(
-                [*cli, "exec", sandbox, "--", "true"],
-                env=cli_env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
+            r = run_argv([*cli, "exec", sandbox, "--", "true"], env=cli_env, timeout=60)
             line = one_error_line(r.stderr)
             assert r.returncode == 1 and "0755" in line and "chmod 700" in line, line
         assert holder_processes(cli_env) == []
@@ -439,13 +394,7 @@ def test_ctrl_c_abandons_a_copy_in_the_holder(
     box = emu.sandbox_dir(sandbox)
     assert fast("exec", sandbox, "--", "true", env=cli_env).returncode == 0
     [pid] = holder_pids(rt_root(cli_env))
-    proc = subprocess.Popen(
-        [*CLI, "cp", str(big), f"{sandbox}:big.bin"],
-        env=cli_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = spawn([*CLI, "cp", str(big), f"{sandbox}:big.bin"], env=cli_env)
 
     def partial_growing() -> bool:
         return any(p.name.endswith(".part") and p.stat().st_size > 0 for p in box.iterdir())
@@ -506,13 +455,7 @@ def _stop_http_server(box: Path) -> None:
 
 def _start_forward(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[bytes], int]:
     """`sshbridge forward ...` running; the local port it printed."""
-    proc = subprocess.Popen(
-        [*CLI, "forward", *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = spawn([*CLI, "forward", *args], env=env)
     assert proc.stderr is not None
     line = proc.stderr.readline().decode()
     m = re.match(r"sshbridge: forwarding 127\.0\.0\.1:(\d+) -> sandbox \S+ 127\.0\.0\.1:\d+$", line)
@@ -613,13 +556,7 @@ def test_reverse_forward_goes_through_the_holder(
                 conn.sendall(b"echo:" + conn.recv(100))
 
         threading.Thread(target=echo_once, daemon=True).start()
-        proc = subprocess.Popen(
-            [*CLI, "forward", "-R", sandbox, f"0:127.0.0.1:{local}"],
-            env=cli_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        proc = spawn([*CLI, "forward", "-R", sandbox, f"0:127.0.0.1:{local}"], env=cli_env)
         assert proc.stderr is not None
         try:
             line = proc.stderr.readline().decode()

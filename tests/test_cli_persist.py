@@ -28,9 +28,13 @@ from cli_helpers import (  # noqa: F401 - fixtures are used by name
     git_env,
     holder_pids,
     one_error_line,
+    rsync,
+    rt_root,
+    run_argv,
     run_cli,
     runtime,
     sandbox,
+    spawn,
     wait_gone,
     with_console_script,
 )
@@ -47,7 +51,7 @@ def test_first_call_starts_a_holder_later_calls_attach(
     r = fast("exec", sandbox, "--", "echo one; echo two >&2; exit 7", env=cli_env)
     assert (r.returncode, r.stdout, r.stderr) == (7, b"one\n", b"two\n")
     assert len(emu.open_sessions(sandbox)) == 1  # held open by the holder
-    pids = holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))
+    pids = holder_pids(rt_root(cli_env))
     assert len(pids) == 1
     for _ in range(3):
         r = fast("exec", sandbox, "--", "echo", "a b", "$HOME", env=cli_env)
@@ -80,21 +84,21 @@ def test_holder_exits_when_idle_and_deletes_its_session(
 ) -> None:
     r = fast("--persist", "1", "exec", sandbox, "--", "true", env=cli_env)
     assert r.returncode == 0, r.stderr
-    [pid] = holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))
+    [pid] = holder_pids(rt_root(cli_env))
     assert wait_gone(pid, 20)
     assert emu.open_sessions(sandbox) == []
     assert list(runtime(cli_env).glob("*.sock")) == []
     # The environment variable sets it too; 0 disables holders altogether.
     r = fast("exec", sandbox, "--", "true", env=dict(cli_env, SSHBRIDGE_PERSIST="0"))
-    assert r.returncode == 0 and holder_pids(Path(cli_env["XDG_RUNTIME_DIR"])) == []
+    assert r.returncode == 0 and holder_pids(rt_root(cli_env)) == []
     r = fast("--no-persist", "exec", sandbox, "--", "true", env=cli_env)
-    assert r.returncode == 0 and holder_pids(Path(cli_env["XDG_RUNTIME_DIR"])) == []
+    assert r.returncode == 0 and holder_pids(rt_root(cli_env)) == []
     assert emu.open_sessions(sandbox) == []
 
 
 def test_sigterm_closes_the_sessions(emu: Emulator, sandbox: str, cli_env: dict[str, str]) -> None:
     assert fast("exec", sandbox, "--", "true", env=cli_env).returncode == 0
-    [pid] = holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))
+    [pid] = holder_pids(rt_root(cli_env))
     assert emu.open_sessions(sandbox) != []
     os.kill(pid, signal.SIGTERM)
     assert wait_gone(pid)
@@ -103,7 +107,7 @@ def test_sigterm_closes_the_sessions(emu: Emulator, sandbox: str, cli_env: dict[
 
 def test_stale_socket_is_replaced(emu: Emulator, sandbox: str, cli_env: dict[str, str]) -> None:
     assert fast("exec", sandbox, "--", "true", env=cli_env).returncode == 0
-    [pid] = holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))
+    [pid] = holder_pids(rt_root(cli_env))
     os.kill(pid, signal.SIGKILL)  # no cleanup at all: the socket file stays behind
     assert wait_gone(pid)
     [sock] = runtime(cli_env).glob("*.sock")
@@ -111,7 +115,7 @@ def test_stale_socket_is_replaced(emu: Emulator, sandbox: str, cli_env: dict[str
         emu.close_session(leaked)
     r = fast("exec", sandbox, "--", "echo again", env=cli_env)
     assert (r.returncode, r.stdout) == (0, b"again\n"), r.stderr
-    [new_pid] = holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))
+    [new_pid] = holder_pids(rt_root(cli_env))
     assert new_pid != pid and sock.exists()
 
 
@@ -122,7 +126,7 @@ def test_another_key_or_url_gets_another_holder(
     # A different base URL spelling of the same server: a holder of its own.
     other = dict(cli_env, PRIME_API_BASE_URL=emu.base_url.replace("127.0.0.1", "localhost"))
     assert fast("exec", sandbox, "--", "true", env=other).returncode == 0
-    assert len(holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))) == 2
+    assert len(holder_pids(rt_root(cli_env))) == 2
     # A wrong key never reaches the live holders: it fails as it would without them.
     r = fast("exec", sandbox, "--", "true", env=dict(cli_env, PRIME_API_KEY="wrong-key-12345"))
     assert r.returncode == 1 and "wrong-key" not in one_error_line(r.stderr)
@@ -131,20 +135,11 @@ def test_another_key_or_url_gets_another_holder(
 def test_concurrent_first_calls_share_one_holder(
     emu: Emulator, sandbox: str, cli_env: dict[str, str]
 ) -> None:
-    procs = [
-        subprocess.Popen(
-            [*FAST_CLI, "exec", sandbox, "--", f"echo {i}"],
-            env=cli_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(6)
-    ]
+    procs = [spawn([*FAST_CLI, "exec", sandbox, "--", f"echo {i}"], env=cli_env) for i in range(6)]
     for i, p in enumerate(procs):
         out, err = p.communicate(timeout=60)
         assert (p.returncode, out) == (0, f"{i}\n".encode()), err
-    assert len(holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))) == 1
+    assert len(holder_pids(rt_root(cli_env))) == 1
     assert creates(emu, sandbox) == 1
 
 
@@ -175,13 +170,10 @@ def test_hundred_execs_in_a_minute_within_the_session_budget(
 
 def test_fast_client_imports_no_heavy_modules(sandbox: str, cli_env: dict[str, str]) -> None:
     assert fast("exec", sandbox, "--", "true", env=cli_env).returncode == 0
-    r = subprocess.run(
+    r = run_argv(
         [sys.executable, "-X", "importtime", "-m", "sshbridge_fast", "exec", sandbox, "--", "true"],
         env=cli_env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
         timeout=30,
-        check=False,
     )
     assert r.returncode == 0, r.stderr
     modules = {
@@ -307,7 +299,7 @@ def test_stdin_streams_with_flat_memory(
     def holder_hwm() -> int:
         if not persist:
             return 0
-        [pid] = holder_pids(Path(cli_env["XDG_RUNTIME_DIR"]))
+        [pid] = holder_pids(rt_root(cli_env))
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
         return int(next(x for x in status if x.startswith("VmHWM")).split()[1])
 
@@ -332,13 +324,7 @@ def test_no_stdin_and_compat_flag(sandbox: str, cli_env: dict[str, str]) -> None
 
 def test_closed_stdout_is_141(sandbox: str, cli_env: dict[str, str]) -> None:
     for cli in (FAST_CLI, [*FAST_CLI, "--no-persist"], CLI):
-        proc = subprocess.Popen(
-            [*cli, "exec", sandbox, "--", "seq 1 10000000"],
-            env=cli_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        proc = spawn([*cli, "exec", sandbox, "--", "seq 1 10000000"], env=cli_env)
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"1\n"
         proc.stdout.close()
@@ -357,28 +343,12 @@ def test_rsync_over_sshbridge_ssh(
     (src / "a file.txt").write_text("hello\n")
     (src / "sub" / "blob").write_bytes(os.urandom(200_000))
     env = with_console_script(cli_env)
-    r = subprocess.run(
-        ["rsync", "-a", "-e", "sshbridge ssh", f"{src}/", f"{sandbox}:dest with space/"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
+    rsync(f"{src}/", f"{sandbox}:dest with space/", env=env)
     dest = emu.sandbox_dir(sandbox) / "dest with space"
     assert (dest / "a file.txt").read_text() == "hello\n"
     assert (dest / "sub" / "blob").read_bytes() == (src / "sub" / "blob").read_bytes()
     back = tmp_path / "back"
-    r = subprocess.run(
-        ["rsync", "-a", "-e", "sshbridge ssh", f"{sandbox}:dest with space/", f"{back}/"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
+    rsync(f"{sandbox}:dest with space/", f"{back}/", env=env)
     assert (back / "a file.txt").read_text() == "hello\n"
 
 

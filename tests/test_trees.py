@@ -14,17 +14,15 @@ import io
 import os
 import random
 import tarfile
-import time
 import warnings
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from conftest import SECRET_KEY
 from minimal_server import MinimalServer
-from pydantic import SecretStr
 from sshd_server import SSHDServer, find_sshd, start_sshd
+from tree_helpers import link_to, serve_link, serve_sshd
 
 from sshbridge import (
     ConnectionLost,
@@ -34,10 +32,7 @@ from sshbridge import (
     SandboxSSH,
     _trees,
 )
-from sshbridge._hostkeys import PinFirstHostKey
 from sshbridge._link import Link
-from sshbridge._models import SidecarSSHSession
-from sshbridge._transport import generate_key
 from sshbridge.emulator import Emulator, OpenSSHTarget
 
 if find_sshd() is None:
@@ -100,24 +95,6 @@ def _make_tree(src: Path, files: int = 60) -> None:
             os.utime(p, (1_600_000_000 + i * 61, 1_600_000_000 + i * 61))
 
 
-def _link_to(server: SSHDServer) -> Link:
-    key = generate_key()
-    server.add_authorized_key(key.public_line)
-    session = SidecarSSHSession(
-        session_id=server.username, exposure_id="e", sandbox_id="sbx-trees", host=server.host,
-        port=server.port, external_endpoint="x",
-        expires_at=datetime.now(timezone.utc) + timedelta(hours=1), ttl_seconds=3600,
-        gateway_url="http://x/", user_ns="u", job_id="j", token=SecretStr("t"),
-    )
-    link = Link(
-        session, key, sandbox_id="sbx-trees", policy=PinFirstHostKey(),
-        expires_monotonic=time.monotonic() + 3600, keepalive=15, connect_timeout=10,
-        max_connections=4,
-    )
-    link.connect()
-    return link
-
-
 def _count(snapshot: Snapshot, *kinds: str) -> int:
     return sum(1 for kind, *_ in snapshot.values() if kind in kinds)
 
@@ -133,16 +110,12 @@ def _requests(link: Link) -> int:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDServer]:
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
+    yield from serve_sshd(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def link(sshd: SSHDServer) -> Iterator[Link]:
-    lk = _link_to(sshd)
-    yield lk
-    lk.close()
+    yield from serve_link(sshd, "sbx-trees")
 
 
 def _bin_dir(path: Path, tools: tuple[str, ...]) -> Path:
@@ -161,7 +134,7 @@ def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SSHDServer,
     tmp = tmp_path_factory.mktemp("bare")
     bindir = _bin_dir(tmp / "bin", ("sh", "cat", "mkdir", "rm", "mv", "echo"))
     server = start_sshd(tmp / "sshd", extra_config=f"SetEnv PATH={bindir}")
-    lk = _link_to(server)
+    lk = link_to(server, "sbx-trees")
     yield server, lk
     lk.close()
     server.stop()
@@ -178,7 +151,7 @@ def faketar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SSHDServ
     (fake / "tar").write_text(f"#!/bin/sh\ncat {fake}/archive.tar\nexit $(cat {fake}/status)\n")
     os.chmod(fake / "tar", 0o755)
     server = start_sshd(tmp / "sshd", extra_config=f"SetEnv PATH={fake}:/usr/bin:/bin")
-    lk = _link_to(server)
+    lk = link_to(server, "sbx-trees")
     yield server, lk, fake
     lk.close()
     server.stop()
