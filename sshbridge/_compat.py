@@ -115,9 +115,14 @@ def send_eof(chan: paramiko.Channel) -> None:
             transport._send_user_message(m)  # type: ignore[attr-defined]
 
 
-def send_channel_request(chan: paramiko.Channel, request: str, *args: str | int) -> None:
-    """An RFC 4254 channel request, no reply wanted (paramiko has no API for arbitrary
-    ones); ``args`` go out as strings and uint32s. Nothing is sent on a closed channel."""
+def send_channel_request(
+    chan: paramiko.Channel, request: str, *args: str | int, want_reply: bool = False
+) -> None:
+    """An RFC 4254 channel request, not waited for (paramiko has no API for arbitrary
+    ones, and waits for every reply it asks); ``args`` go out as strings and uint32s.
+    With ``want_reply`` a failure reply closes the channel (paramiko's handling), so
+    what is sent behind the request meets a closed channel instead of nothing. Nothing
+    is sent on a closed channel."""
     transport = chan.get_transport()
     with chan.lock:
         if chan.closed or transport is None:
@@ -126,7 +131,7 @@ def send_channel_request(chan: paramiko.Channel, request: str, *args: str | int)
         m.add_byte(cMSG_CHANNEL_REQUEST)
         m.add_int(chan.remote_chanid)
         m.add_string(request)
-        m.add_boolean(False)
+        m.add_boolean(want_reply)
         for arg in args:
             if isinstance(arg, int):
                 m.add_int(arg)

@@ -26,6 +26,7 @@ from ._compat import (
     OPEN_FAILED_UNKNOWN_CHANNEL_TYPE,
     adopt_channel,
     eof_received,
+    send_channel_request,
     transport_socket,
 )
 from ._exceptions import (
@@ -580,7 +581,11 @@ class Link:
                 max_packet_size=SFTP_MAX_PACKET_SIZE, window_size=SFTP_WINDOW_SIZE
             )
             try:
-                chan.invoke_subsystem("sftp")
+                # The SFTP INIT goes right behind the subsystem request instead of one
+                # round trip after it (servers feed a channel's data to the subsystem
+                # it starts, in order); a refusal closes the channel, so the INIT's
+                # answer is then an EOF.
+                send_channel_request(chan, "subsystem", "sftp", want_reply=True)
                 client = paramiko.SFTPClient(chan)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 chan.close()

@@ -169,26 +169,30 @@ class Plan:
 
     def finish(self, tick: Callable[[], None] | None) -> None:
         """No more helpers; wait until those working have stopped (``tick`` on every
-        change: a tick that raises fails the plan, and the wait goes on)."""
+        change and once at the end, so the last progress report counts every channel's
+        bytes: a tick that raises fails the plan, and the wait goes on)."""
         with self._lock:
             self.closed = True
         while True:
             with self._lock:
-                if not self.workers:
-                    return
-                self._changed.wait()
+                done = not self.workers
+                if not done:
+                    self._changed.wait()
             if tick is not None and self.error is None:
                 try:
                     tick()
                 except BaseException as exc:  # noqa: BLE001 - raised by the caller
                     self.fail(exc)
+            if done:
+                return
 
 
 class Crew:
     """The extra channels of one transfer, launched as soon as the caller has its client.
 
     Each borrows an SFTP client at once, so that channel setup overlaps the caller's
-    own round trips; opens the file once ``aim`` names how; and moves no byte before
+    own round trips; opens the file once ``aim`` names how (or, for a new upload, at
+    once beside the caller's own OPEN when ``guess`` names it); and moves no byte before
     ``start`` hands it the plan (for an upload, the caller's own open has then been
     answered, so its truncate cannot land after a write). ``cancel`` (always called, a
     no-op once started) lets them go.
@@ -197,9 +201,16 @@ class Crew:
     def __init__(self, source: Source, count: int) -> None:
         self.plan: Plan | None = None
         self._open: Callable[[paramiko.SFTPClient], paramiko.SFTPFile] | None = None
+        self._path: str | None = None
+        self._guess: tuple[str, int | None] | None = None
         self._work: Callable[[paramiko.SFTPClient, bytes], object] | None = None
         self._aimed = threading.Event()
+        self._hinted = threading.Event()  # guess() or aim() (or cancel()) was called
         self._go = threading.Event()
+        self._early = threading.Condition()
+        self._early_open = 0  # early opens sent and not answered yet
+        self._early_made = False  # one of them was answered with a handle
+        self._settled = False  # no early open starts any more
         self._source = source
         self.count = count
 
@@ -210,9 +221,31 @@ class Crew:
             threading.Thread(target=self._helper, args=(self._source,),
                              name=f"sshbridge-range-{i}", daemon=True).start()
 
-    def aim(self, open_file: Callable[[paramiko.SFTPClient], paramiko.SFTPFile]) -> None:
-        self._open = open_file
+    def aim(
+        self, open_file: Callable[[paramiko.SFTPClient], paramiko.SFTPFile], path: str | None = None
+    ) -> None:
+        self._open, self._path = open_file, path
         self._aimed.set()
+        self._hinted.set()
+
+    def guess(self, path: str, mode: int | None) -> None:
+        """A new upload's temporary file is probably ``path``: helpers with their client
+        ready open it now, as open_beside does (created with ``mode``, never
+        truncated), beside the caller's own OPEN instead of one round trip after it.
+
+        If aim() then names another file (``path`` was a directory), the caller calls
+        settle() before it removes ``path``; a helper let go before any aim() removes
+        the file it may have created, so a failed OPEN leaves nothing behind either."""
+        self._guess = (path, mode)
+        self._hinted.set()
+
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Start no more early opens and wait until those sent have been answered, so a
+        REMOVE sent now lands after them. True if one of them created or opened the file."""
+        with self._early:
+            self._settled = True
+            self._early.wait_for(lambda: self._early_open == 0, timeout)
+            return self._early_made
 
     def start(self, plan: Plan, work: Callable[[paramiko.SFTPClient, bytes], object]) -> None:
         self.plan, self._work = plan, work
@@ -220,16 +253,50 @@ class Crew:
 
     def cancel(self) -> None:
         self._aimed.set()
+        self._hinted.set()
         self._go.set()
+
+    def _open_early(self, client: paramiko.SFTPClient) -> tuple[str, paramiko.SFTPFile] | None:
+        with self._early:
+            guess = self._guess
+            if guess is None or self._settled or self._aimed.is_set():
+                return None
+            self._early_open += 1
+        path, mode = guess
+        fh: paramiko.SFTPFile | None = None
+        try:
+            fh = _transfer.open_beside(client, path, create=True, mode=mode)
+        except OSError:
+            pass  # opened again the ordinary way once aimed, or not used
+        finally:
+            with self._early:
+                self._early_open -= 1
+                self._early_made = self._early_made or fh is not None
+                self._early.notify_all()
+        return None if fh is None else (path, fh)
 
     def _helper(self, source: Source) -> None:
         try:
             with source.sftp() as client:
+                self._hinted.wait()
+                early = self._open_early(client)
                 self._aimed.wait()
                 open_file = self._open
+                if early is not None and (open_file is None or early[0] != self._path):
+                    with contextlib.suppress(Exception):
+                        early[1].close()
+                    if open_file is None:
+                        # Let go before the caller had its file: what this created must
+                        # not stay (the caller's own OPEN failed, or never went out).
+                        with contextlib.suppress(Exception):
+                            client.remove(early[0])
+                    early = None
                 if open_file is None or (self._go.is_set() and self.plan is None):
+                    if early is not None:
+                        with contextlib.suppress(Exception):
+                            early[1].close()
                     return
-                fh = open_file(client)
+                fh = early[1] if early is not None else open_file(client)
                 try:
                     self._go.wait()
                     plan, work = self.plan, self._work
@@ -249,7 +316,7 @@ class Crew:
 
     def aim_upload(self, path: str, *, create: bool, mode: int | None) -> None:
         """Helpers open the upload's temporary file ``path`` (see open_beside)."""
-        self.aim(lambda c: _transfer.open_beside(c, path, create=create, mode=mode))
+        self.aim(lambda c: _transfer.open_beside(c, path, create=create, mode=mode), path)
 
     def aim_download(self, path: str) -> None:
         self.aim(lambda c: c.open(path, "rb"))

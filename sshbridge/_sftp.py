@@ -14,7 +14,7 @@ import stat as stat_mod
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -229,25 +229,38 @@ def _restore(source: SFTPSource, client: paramiko.SFTPClient, aside: str, target
 
 
 def rename_into_place(
-    source: SFTPSource, client: paramiko.SFTPClient, tmp: str, target: str
-) -> None:
-    """Rename ``tmp`` over ``target``.
+    source: SFTPSource,
+    client: paramiko.SFTPClient,
+    tmp: str,
+    target: str,
+    behind: Sequence[tuple[int, bytes]] = (),
+) -> list[tuple[int, bytes]]:
+    """Rename ``tmp`` over ``target``; ``behind`` are requests sent in the same round
+    trip (independent of the rename), whose answers are returned.
 
     posix-rename@openssh.com replaces atomically. Without it, SFTPv3's RENAME refuses
     an existing target, so the old file is renamed aside first (``.NAME.sshbridge-XXXX
     .old``) and back if the second rename fails: the target is briefly absent, never
     partial, and its old content is not lost.
     """
-    try:
-        _transfer.posix_rename(client, tmp, target)
-        return
-    except _transfer.SFTPStatusError as exc:
-        if exc.errno in (errno.ENOENT, errno.EACCES):
-            raise  # no other way round those
-        refused: OSError = exc  # unsupported here, or refused: try the plain way
+    refused: OSError
+    if _transfer.refused_before(client, "posix-rename"):
+        others = _transfer.exchange(client, behind) if behind else []
+        refused = _transfer.status_error(SFTP_OP_UNSUPPORTED, "posix-rename unsupported")
+    else:
+        answers = _transfer.exchange(
+            client, [_transfer.posix_rename_request(tmp, target), *behind])
+        others = answers[1:]
+        try:
+            _transfer.status_of(client, "posix-rename", *answers[0])
+            return others
+        except _transfer.SFTPStatusError as exc:
+            if exc.errno in (errno.ENOENT, errno.EACCES):
+                raise  # no other way round those
+            refused = exc  # unsupported here, or refused: try the plain way
     try:
         client.rename(tmp, target)
-        return
+        return others
     except OSError as exc:
         refused = exc
     try:
@@ -265,14 +278,28 @@ def rename_into_place(
         raise
     # The new file is in place: the old copy is garbage, removed now or at the next put.
     _discard(source, client, aside)
+    return others
+
+
+def sweep_due(client: paramiko.SFTPClient, directory: str) -> bool:
+    """Whether tidy() would look for stale temporaries in ``directory`` on this
+    connection (so an upload can ask for the listing early)."""
+    transport = _transfer.transport_of(client)
+    with leftover_lock:
+        return transport is not None and directory not in _swept.get(transport, ())
 
 
 def tidy(
-    source: SFTPSource, client: paramiko.SFTPClient, directory: str, server_now: float | None
+    source: SFTPSource,
+    client: paramiko.SFTPClient,
+    directory: str,
+    server_now: float | None,
+    listed: list[tuple[str, _transfer.FileAttrs]] | None = None,
 ) -> None:
     """After an upload: remove what failed uploads of this process left in ``directory``
     and, once per connection and directory, sshbridge temporaries older than STALE_AGE
     (``server_now`` is the server's clock: the mtime of the file just written).
+    ``listed``: the directory's entries, when the upload already asked for them.
 
     Only random-tag names match; a resumable partial (``.NAME.sshbridge.part``) is
     never touched. Best effort: the upload has landed whatever happens here.
@@ -296,7 +323,9 @@ def tidy(
             if directory in seen:
                 return
             seen.add(directory)
-        for name, attrs in _transfer.list_dir(client, directory or "."):
+        if listed is None:
+            listed = _transfer.list_dir(client, directory or ".")
+        for name, attrs in listed:
             if (
                 _TEMP_NAME.fullmatch(name)
                 and stat_mod.S_ISREG(attrs.mode or 0)
@@ -367,11 +396,18 @@ def _apply_mode(
         notes.append(f"mode {mode:04o} not set, the file has {now} ({exc})")
 
 
+def _first_temp(local: Path, remote: str) -> str:
+    """The temporary file a new upload to ``remote`` opens first (_open_new's guess)."""
+    target = posixpath.join(remote, local.name) if remote.endswith("/") else remote
+    return _transfer.temp_name(target, resume=False)
+
+
 def _open_new(
     source: SFTPSource, client: paramiko.SFTPClient, local: Path, remote: str,
-    mode: int | None,
+    mode: int | None, tmp: str, crew: _ranges.Crew,
 ) -> tuple[str, str, bytes]:
-    """The target, temporary file and open handle of a new upload to ``remote``.
+    """The target, temporary file and open handle of a new upload to ``remote``,
+    opening ``tmp`` (from _first_temp) first, as ``crew`` may too (see Crew.guess).
 
     Whether ``remote`` is a directory is asked together with the OPEN of the temporary
     file it needs if it is not; if it is, that file is closed and removed, and the one
@@ -382,13 +418,11 @@ def _open_new(
     extra = [_transfer.limits_request()] if ask_limits else []
     if remote.endswith("/"):
         target = posixpath.join(remote, local.name)
-        tmp = _transfer.temp_name(target, resume=False)
         only = _transfer.exchange(
             client, [_transfer.open_request(tmp, resume=False, mode=mode), *extra])
         if ask_limits:
             _transfer.remember_limits(client, *only[1])
         return target, tmp, _transfer.handle_answer(*only[0], "an OPEN")
-    tmp = _transfer.temp_name(remote, resume=False)
     answers = _transfer.exchange(client, [
         _transfer.stat_request(remote), _transfer.open_request(tmp, resume=False, mode=mode),
         *extra,
@@ -405,14 +439,18 @@ def _open_new(
     target = posixpath.join(remote, local.name)
     inside = _transfer.temp_name(target, resume=False)
     requests = [_transfer.open_request(inside, resume=False, mode=mode)]
-    stray = opened[0] == CMD_HANDLE
+    # The crew's opens of tmp answered first, so that the REMOVE lands after them.
+    made = crew.settle() if crew.count else False
+    stray = opened[0] == CMD_HANDLE or made
     if stray:
+        requests = [_transfer.remove_request(tmp), *requests]
+    if opened[0] == CMD_HANDLE:
         wrong = _transfer.handle_answer(*opened, "an OPEN")
-        requests = [_transfer.close_request(wrong), _transfer.remove_request(tmp), *requests]
+        requests = [_transfer.close_request(wrong), *requests]
     try:
         answers = _transfer.exchange(client, requests)
         if stray:
-            _transfer.status_answer(*answers[1], "a REMOVE")
+            _transfer.status_answer(*answers[-2], "a REMOVE")
     except BaseException:
         if stray:
             _discard(source, client, tmp)
@@ -517,9 +555,19 @@ def upload_file(
                     tmp = _transfer.temp_name(target, resume=True)
                     start = _ranges.resume_from(_partial_size(client, tmp, size), size)
                 else:
+                    first = _first_temp(local_path, remote)
+                    if crew.count:
+                        crew.guess(first, open_mode)
                     target, tmp, handle = _open_new(source, client, local_path, remote,
-                                                    open_mode)
+                                                    open_mode, first, crew)
                 discard = not resume
+                directory = posixpath.dirname(target)
+                # The first upload into a directory on a connection also lists it for
+                # stale temporaries (tidy): its OPENDIR goes behind the last WRITE and
+                # its READDIRs behind the rename, so the listing costs no round trip.
+                list_early = sweep and not start and sweep_due(client, directory)
+                dir_handle: bytes | None = None
+                listed: list[tuple[str, _transfer.FileAttrs]] | None = None
                 try:
                     channels = crew.count + 1 if _ranges.channels_for(size - start) > 1 else 1
                     if channels > 1:
@@ -534,8 +582,10 @@ def upload_file(
                             handle = _transfer.handle_answer(*_transfer.exchange(client, [
                                 _transfer.open_request(tmp, resume=bool(start), mode=open_mode)
                             ])[0], "an OPEN")
+                        finish = _transfer.finish_requests(handle, mode if set_mode else None)
                         tail = _transfer.Tail(
-                            _transfer.finish_requests(handle, mode if set_mode else None))
+                            [*finish, _transfer.opendir_request(directory or ".")]
+                            if list_early else finish)
                         if channels > 1:
                             # The tail goes behind this channel's last WRITE; the
                             # other channels' writes may land after its FSTAT, which
@@ -566,6 +616,10 @@ def upload_file(
                     finally:
                         crew.cancel()
                     discard = True  # a complete partial that fails a check is bad
+                    if list_early:
+                        (kind, body), tail.answers = tail.answers[-1], tail.answers[:-1]
+                        if kind == CMD_HANDLE:
+                            dir_handle = _transfer.handle_answer(kind, body, "an OPENDIR")
                     attrs, mode_set = _finished(client, tail, tmp)
                     if channels > 1 and attrs.size != size:
                         stat = _transfer.exchange(client, [_transfer.stat_request(tmp)])[0]
@@ -583,8 +637,17 @@ def upload_file(
                                        size, f"upload to {target!r}", target)
                     if preserve_mode and not mode_set:
                         _apply_mode(client, tmp, mode, attrs.mode, notes)
-                    rename_into_place(source, client, tmp, target)
+                    behind = [] if dir_handle is None else _transfer.listing_requests(dir_handle)
+                    dir_handle = None  # closed by the last of those
+                    answers = rename_into_place(source, client, tmp, target, behind)
+                    if answers:
+                        try:
+                            listed = _transfer.listing_answers(client, directory or ".", answers)
+                        except OSError:
+                            listed = None  # tidy lists it again
                 except BaseException:
+                    if dir_handle is not None:
+                        _transfer.close_quietly(client, dir_handle)
                     if discard:
                         _discard(source, client, tmp)
                     raise
@@ -592,8 +655,7 @@ def upload_file(
                 # written to a kept partial.
                 fresh = stats.sent > 0 or not start
                 now = attrs.mtime if sweep and fresh else None
-                tidy(source, client, posixpath.dirname(target),
-                     None if now is None else float(now))
+                tidy(source, client, directory, None if now is None else float(now), listed)
         except _transfer.LocalError as exc:
             raise exc.original from None
         finally:

@@ -657,13 +657,22 @@ def attrs_answer(answer: int, body: bytes, what: str) -> FileAttrs:
         raise OSError(f"SFTP server sent malformed attributes for {what}") from None
 
 
-def list_dir(client: paramiko.SFTPClient, path: str) -> list[tuple[str, FileAttrs]]:
-    """The entries of directory ``path``. The READDIRs go three at a time with the
-    CLOSE behind them (two round trips for the directories uploads land in); a longer
-    listing is read again the plain way."""
-    handle = handle_answer(*exchange(client, [(CMD_OPENDIR, _string(path))])[0], "an OPENDIR")
+def opendir_request(path: str) -> tuple[int, bytes]:
+    return CMD_OPENDIR, _string(path)
+
+
+def listing_requests(handle: bytes) -> list[tuple[int, bytes]]:
+    """Three READDIRs of an open directory with its CLOSE behind them: one round trip
+    for the directories uploads land in (answers to listing_answers)."""
     h = _string(handle)
-    answers = exchange(client, [(CMD_READDIR, h)] * 3 + [(CMD_CLOSE, h)])
+    return [(CMD_READDIR, h)] * 3 + [(CMD_CLOSE, h)]
+
+
+def listing_answers(
+    client: paramiko.SFTPClient, path: str, answers: Sequence[tuple[int, bytes]]
+) -> list[tuple[str, FileAttrs]]:
+    """The entries in the answers to listing_requests; a longer listing is read again
+    the plain way."""
     entries: list[tuple[str, FileAttrs]] = []
     try:
         for kind, body in answers[:3]:
@@ -685,6 +694,13 @@ def list_dir(client: paramiko.SFTPClient, path: str) -> list[tuple[str, FileAttr
     return [(a.filename, FileAttrs(a.st_size, a.st_mode, None if a.st_mtime is None
                                    else int(a.st_mtime)))
             for a in client.listdir_attr(path)]
+
+
+def list_dir(client: paramiko.SFTPClient, path: str) -> list[tuple[str, FileAttrs]]:
+    """The entries of directory ``path``: OPENDIR, then listing_requests (two round
+    trips for the directories uploads land in)."""
+    handle = handle_answer(*exchange(client, [opendir_request(path)])[0], "an OPENDIR")
+    return listing_answers(client, path, exchange(client, listing_requests(handle)))
 
 
 def handle_answer(answer: int, body: bytes, what: str) -> bytes:
@@ -779,20 +795,22 @@ unsupported_error: dict[str, weakref.WeakSet[paramiko.Transport]] = {
 
 
 def _status_request(client: paramiko.SFTPClient, what: str, kind: int, payload: bytes) -> None:
-    transport = transport_of(client)
-    known = unsupported_error[what]
-    if transport is not None and transport in known:
+    if refused_before(client, what):
         raise status_error(
             SFTP_OP_UNSUPPORTED,
             f"Operation unsupported (SFTP status {SFTP_OP_UNSUPPORTED}: this server refused "
             f"{what} earlier on this connection)",
         )
-    answer, body = request(client, kind, payload)
+    status_of(client, what, *request(client, kind, payload))
+
+
+def status_of(client: paramiko.SFTPClient, what: str, answer: int, body: bytes) -> None:
+    """Raise the refusal in the STATUS answer to ``what`` (an unsupported_error key),
+    remembering an OP_UNSUPPORTED for the connection."""
     try:
         _raise_status(answer, body, what)
     except SFTPStatusError as exc:
-        if exc.code == SFTP_OP_UNSUPPORTED and transport is not None:
-            known.add(transport)
+        note_unsupported(client, what, exc)
         raise
 
 
@@ -807,10 +825,14 @@ def setstat(
     _status_request(client, "setstat", CMD_SETSTAT, _string(path) + encode_attrs(mode, times))
 
 
+def posix_rename_request(old: str, new: str) -> tuple[int, bytes]:
+    """posix-rename@openssh.com, for exchange; its answer goes to status_of."""
+    return CMD_EXTENDED, _string("posix-rename@openssh.com") + _string(old) + _string(new)
+
+
 def posix_rename(client: paramiko.SFTPClient, old: str, new: str) -> None:
     """posix-rename@openssh.com; SFTPStatusError (code OP_UNSUPPORTED) where it is missing."""
-    payload = _string("posix-rename@openssh.com") + _string(old) + _string(new)
-    _status_request(client, "posix-rename", CMD_EXTENDED, payload)
+    _status_request(client, "posix-rename", *posix_rename_request(old, new))
 
 
 def upload_open_payload(path: str, *, resume: bool, mode: int | None) -> bytes:
@@ -937,15 +959,18 @@ def upload(
                     reply = wire.reply(block=len(waiting) >= depth)
                     if reply is None:
                         break
-                    acked += take(reply)
-                    if progress is not None:
+                    got = take(reply)
+                    acked += got
+                    if progress is not None and got:
                         progress(start + acked, offset if total is None else total)
             if not waiting:
                 break
             reply = wire.reply()
             assert reply is not None
-            acked += take(reply)
-            if progress is not None:
+            got = take(reply)
+            acked += got
+            # Reported per acknowledged WRITE: the tail's answers move no byte.
+            if progress is not None and got:
                 progress(start + acked, offset if total is None else total)
     except BaseException as exc:
         if not isinstance(exc, EOFError):

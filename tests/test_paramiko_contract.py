@@ -269,6 +269,33 @@ def test_compat_watch_channel_failures(sshd: tuple[SSHDServer, paramiko.PKey]) -
         transport.close()
 
 
+def test_compat_subsystem_request_pipelined_with_its_data(
+    sshd: tuple[SSHDServer, paramiko.PKey],
+) -> None:
+    # Link.sftp sends the SFTP INIT right behind a "subsystem" request it does not wait
+    # for: the server starts the subsystem and feeds it that data; a refused one closes
+    # the channel, so the INIT's answer is an EOF rather than a hang.
+    from sshbridge import _compat
+
+    server, key = sshd
+    transport = _connect(server, key)
+    try:
+        chan = transport.open_session()
+        _compat.send_channel_request(chan, "subsystem", "sftp", want_reply=True)
+        client = paramiko.SFTPClient(chan)
+        assert client.normalize(".").startswith("/")
+        assert client.stat(str(server.home)).st_mode is not None
+        client.close()
+        bad = transport.open_session()
+        bad.settimeout(10)
+        _compat.send_channel_request(bad, "subsystem", "sshbridge-no-such", want_reply=True)
+        with pytest.raises(paramiko.SSHException):
+            paramiko.SFTPClient(bad)
+        assert bad.closed and transport.is_active()
+    finally:
+        transport.close()
+
+
 def test_compat_adopt_channel(sshd: tuple[SSHDServer, paramiko.PKey]) -> None:
     import gc
 

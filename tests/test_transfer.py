@@ -16,24 +16,19 @@ import os
 import random
 import struct
 import threading
-import time
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
 from emu_helpers import wait_until
-from pydantic import SecretStr
 from sshd_server import SSHDServer, find_sshd, start_sshd
+from tree_helpers import Boom, link_to, raise_after, serve_link, serve_sshd
 
 from sshbridge import _sftp, _transfer, _trees
 from sshbridge._exceptions import ConnectionLost, InvalidArgument, RemotePathError
-from sshbridge._hostkeys import PinFirstHostKey
 from sshbridge._link import Link
-from sshbridge._models import SidecarSSHSession
-from sshbridge._transport import generate_key
 
 
 def _in_ci() -> bool:
@@ -51,36 +46,14 @@ if find_sshd() is None:
 pytestmark = pytest.mark.timeout(60)
 
 
-def _link_to(server: SSHDServer) -> Link:
-    key = generate_key()
-    server.add_authorized_key(key.public_line)
-    session = SidecarSSHSession(
-        session_id=server.username, exposure_id="e", sandbox_id="sbx", host=server.host,
-        port=server.port, external_endpoint="x",
-        expires_at=datetime.now(timezone.utc) + timedelta(hours=1), ttl_seconds=3600,
-        gateway_url="http://x/", user_ns="u", job_id="j", token=SecretStr("t"),
-    )
-    link = Link(
-        session, key, sandbox_id="sbx", policy=PinFirstHostKey(),
-        expires_monotonic=time.monotonic() + 3600, keepalive=15, connect_timeout=10,
-        max_connections=4,
-    )
-    link.connect()
-    return link
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDServer]:
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
+    yield from serve_sshd(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def link(sshd: SSHDServer) -> Iterator[Link]:
-    lk = _link_to(sshd)
-    yield lk
-    lk.close()
+    yield from serve_link(sshd)
 
 
 @pytest.fixture
@@ -97,18 +70,6 @@ def _leftovers(directory: Path) -> list[str]:
 
 def _payload(size: int) -> bytes:
     return random.Random(size).randbytes(size)
-
-
-class Boom(Exception):
-    pass
-
-
-def _raise_after(limit: int) -> Callable[[int, int], None]:
-    def cb(done: int, total: int) -> None:
-        if done >= limit:
-            raise Boom(f"stop at {done}")
-
-    return cb
 
 
 def _transport_of(link: Link) -> paramiko.Transport:
@@ -197,7 +158,7 @@ def test_failed_upload_keeps_old_target_and_leaves_no_temp(
     src = tmp_path / "new.bin"
     src.write_bytes(_payload(8_000_000))
     with pytest.raises(Boom):
-        _sftp.put(link, src, str(rdir / "t.bin"), callback=_raise_after(2_000_000))
+        _sftp.put(link, src, str(rdir / "t.bin"), callback=raise_after(2_000_000))
     assert (rdir / "t.bin").read_bytes() == b"old"
     assert _leftovers(rdir) == []
     # The pooled client was settled, not left mid-stream: it still works.
@@ -211,7 +172,7 @@ def test_failed_download_leaves_no_local_file(link: Link, rdir: Path, tmp_path: 
     (tmp_path / "old.bin").write_bytes(b"old")
     for dest in ("new.bin", "old.bin"):
         with pytest.raises(Boom):
-            _sftp.get(link, str(rdir / "s.bin"), tmp_path / dest, callback=_raise_after(1))
+            _sftp.get(link, str(rdir / "s.bin"), tmp_path / dest, callback=raise_after(1))
     assert sorted(os.listdir(tmp_path)) == ["old.bin"]
     assert (tmp_path / "old.bin").read_bytes() == b"old"
     assert _sftp.stat(link, str(rdir / "s.bin")).st_size == 8_000_000
@@ -300,8 +261,12 @@ def test_sha256_catches_an_upload_corrupted_on_the_sandbox(
     src = tmp_path / "src.bin"
     src.write_bytes(_payload(2_000_000))
 
+    flipped: list[int] = []
+
     def corrupt(done: int, total: int) -> None:
-        if done == total:  # every write acknowledged: flip the first byte in the temp file
+        # Every write acknowledged: flip the first byte in the temp file, once.
+        if done == total and not flipped:
+            flipped.append(done)
             (part,) = [rdir / n for n in _leftovers(rdir)]
             with part.open("r+b") as fh:
                 first = fh.read(1)
@@ -313,7 +278,9 @@ def test_sha256_catches_an_upload_corrupted_on_the_sandbox(
     assert info.value.path == str(rdir / "v.bin")
     assert not (rdir / "v.bin").exists() and _leftovers(rdir) == []
     # Size checking alone does not see it; sha256 does.
+    flipped.clear()
     _sftp.put(link, src, str(rdir / "v.bin"), callback=corrupt)
+    assert flipped
     assert (rdir / "v.bin").stat().st_size == 2_000_000
 
 
@@ -417,7 +384,7 @@ def test_resumed_upload_after_a_failure_with_the_connection_up(
     src = tmp_path / "f.bin"
     src.write_bytes(data)
     with pytest.raises(Boom):
-        _sftp.put(link, src, str(rdir / "f.bin"), callback=_raise_after(2_000_000), resume=True)
+        _sftp.put(link, src, str(rdir / "f.bin"), callback=raise_after(2_000_000), resume=True)
     part = rdir / ".f.bin.sshbridge.part"
     kept = part.stat().st_size  # the engine waited for every write in flight
     assert kept >= 2_000_000 and part.read_bytes() == data[:kept]
@@ -527,7 +494,7 @@ def test_permission_denied_names_the_path(tmp_path: Path) -> None:
     # Tests may run as root, which ignores file modes: a read-only SFTP server refuses
     # writes whoever asks.
     server = start_sshd(tmp_path / "ro", extra_config="Subsystem sftp internal-sftp -R")
-    lk = _link_to(server)
+    lk = link_to(server)
     try:
         (server.home / "readable.bin").write_bytes(b"r" * 1000)
         src = tmp_path / "a"
