@@ -11,7 +11,8 @@ BOTH the API and the SSH port, and measures, side by side in one run:
 * bulk ``put``/``get`` in MB/s and as a fraction of the link, against paramiko and
   OpenSSH ``sftp``;
 * a tree of small files (``put_dir`` pipelined and with tar, ``get_dir``, ``sync`` of an
-  unchanged tree), against ``rsync -a -e ssh``, OpenSSH ``sftp -r`` and ``scp -r``.
+  unchanged tree), against ``rsync -a -e ssh``, OpenSSH ``sftp -r`` and ``scp -r``;
+* memory: the peak RSS growth of a client process moving 1 GiB each way.
 
 Every figure is also given in round trips (time / rtt). The sandbox is a real OpenSSH
 sshd behind the preamble front of ``tests/sshd_server.py`` (contract B, as the service
@@ -47,6 +48,35 @@ from sshd_server import PreambleFront, start_sshd
 
 from sshbridge import SandboxSSH
 from sshbridge.emulator import Emulator, OpenSSHTarget
+
+# The memory part's client: peak RSS growth (VmHWM, reset through clear_refs) over the
+# RSS before each transfer; prints up-seconds down-seconds up-bytes down-bytes.
+_RSS_SCRIPT = """
+import sys, time
+from sshbridge import SandboxSSH
+
+def kib(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+def measured(fn):
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = kib("VmRSS")
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t, (kib("VmHWM") - base) * 1024
+
+sid, url, src, remote, back = sys.argv[1:6]
+with SandboxSSH(sid, base_url=url, ttl_seconds=900) as shell:
+    shell.run("true")
+    up, rss_up = measured(lambda: shell.put(src, remote))
+    down, rss_down = measured(lambda: shell.get(remote, back))
+print(up, down, rss_up, rss_down)
+"""
 
 
 def median(xs: list[float]) -> float:
@@ -175,40 +205,91 @@ class Bench:
         link = self.bw or float("nan")
         rows = []
 
-        def row(label: str, up: float, down: float) -> None:
-            mb_up, mb_down = size / up / 1e6, size / down / 1e6
-            rows.append([label, f"{mb_up:.1f}", f"{mb_down:.1f}",
-                         f"{size / up / link:.0%}", f"{size / down / link:.0%}"])
+        # Every upload and download goes to a path that does not exist yet, for every
+        # client alike: replacing last run's copy would add the file system's cost of
+        # freeing 128 MiB (tens of ms, in the rename or the truncating open) to the
+        # transfer's.
+        def clear(path: Path) -> None:
+            path.unlink(missing_ok=True)
 
-        with self.shell() as shell:
-            shell.run("true")
-            # First: SFTP channels opened by the call itself (one, and 3 more for the
-            # byte ranges of a large upload); then again on the pooled channels.
-            for label in ("sshbridge `put` / `get` (first call)",
-                          "sshbridge `put` / `get` (again, SFTP channels open)"):
-                t = time.perf_counter()
-                shell.put(src, str(remote))
-                up = time.perf_counter() - t
-                t = time.perf_counter()
-                shell.get(str(remote), back)
-                down = time.perf_counter() - t
-                row(label, up, down)
+        reps = 1 if self.args.quick else self.args.bulk_reps
+        ups: dict[str, list[float]] = {}
+        downs: dict[str, list[float]] = {}
+
+        def timed(label: str, put: Callable[[], object], get: Callable[[], object]) -> None:
+            clear(remote)
+            t = time.perf_counter()
+            put()
+            ups.setdefault(label, []).append(time.perf_counter() - t)
+            clear(back)
+            t = time.perf_counter()
+            get()
+            downs.setdefault(label, []).append(time.perf_counter() - t)
+
+        first = "sshbridge `put` / `get` (first call)"
+        again = "sshbridge `put` / `get` (again, SFTP channels open)"
+        para = "paramiko `SFTPClient.put` / `get`"
+        for _ in range(reps):
+            with self.shell() as shell:
+                shell.run("true")
+                # First: SFTP channels opened by the call itself (one, and 3 more for the
+                # byte ranges of a large upload); then again on the pooled channels.
+                for label in (first, again):
+                    timed(label, lambda: shell.put(src, str(remote)),
+                          lambda: shell.get(str(remote), back))
         c = Paramiko(self.alt, self.key, nodelay=True)
         c.open()
         sftp = c.ssh.open_sftp()
-        t = time.perf_counter()
-        sftp.put(str(src), str(remote))
-        up = time.perf_counter() - t
-        t = time.perf_counter()
-        sftp.get(str(remote), str(back))
-        down = time.perf_counter() - t
+        for _ in range(reps):
+            timed(para, lambda: sftp.put(str(src), str(remote)),
+                  lambda: sftp.get(str(remote), str(back)))
         sftp.close()
         c.close()
-        row("paramiko `SFTPClient.put` / `get`", up, down)
-        up = self._sftp_batch(f"put {src} {remote}")
-        down = self._sftp_batch(f"get {remote} {back}")
-        row("OpenSSH `sftp` (connect subtracted)", up, down)
+        openssh = "OpenSSH `sftp` (connect subtracted)"
+        for _ in range(reps):
+            clear(remote)
+            ups.setdefault(openssh, []).append(self._sftp_batch(f"put {src} {remote}"))
+            clear(back)
+            downs.setdefault(openssh, []).append(self._sftp_batch(f"get {remote} {back}"))
+        for label in ups:
+            up, down = median(ups[label]), median(downs[label])
+            rows.append([label + (f" (median of {reps})" if reps > 1 else ""),
+                         f"{size / up / 1e6:.1f}", f"{size / down / 1e6:.1f}",
+                         f"{size / up / link:.0%}", f"{size / down / link:.0%}"])
         self.rows["Bulk transfer"] = rows
+
+    # -- memory ----------------------------------------------------------------------
+
+    def memory(self) -> None:
+        """Peak RSS growth of a client process moving a large file each way (1 GiB by
+        default) through the link: a subprocess, so the proxies' buffers and this
+        process's history are not counted."""
+        mib = 16 if self.args.quick else self.args.rss_mib
+        if not mib:
+            return
+        src = self.work / "rss.bin"
+        with open(src, "wb") as fh:
+            chunk = os.urandom(1024 * 1024)
+            for _ in range(mib):
+                fh.write(chunk)
+        remote = self.sshd.home / "rss-remote.bin"
+        back = self.work / "rss-back.bin"
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, self.sid, self.base_url, str(src), str(remote),
+             str(back)],
+            env={**os.environ, "PRIME_API_KEY": self.emu.api_key}, check=True,
+            capture_output=True, text=True, timeout=900,
+        )
+        up, down, rss_up, rss_down = (float(x) for x in out.stdout.split())
+        size = mib * 1024 * 1024
+        if back.stat().st_size != size or remote.stat().st_size != size:
+            raise RuntimeError("the memory run's copies differ in size")
+        remote.unlink()
+        back.unlink()
+        self.rows["Memory"] = [[
+            f"sshbridge `put` / `get` of {mib} MiB", f"{size / up / 1e6:.1f}",
+            f"{size / down / 1e6:.1f}", f"{rss_up / 2**20:.1f}", f"{rss_down / 2**20:.1f}",
+        ]]
 
     def _sftp_batch(self, command: str) -> float:
         def run(batch: str) -> float:
@@ -312,6 +393,8 @@ class Bench:
             "Warm command": ["client", "ms (median)", "round trips"],
             "Bulk transfer": ["client", "up MB/s", "down MB/s", "up, of link", "down, of link"],
             "Trees": ["client", "seconds", "round trips"],
+            "Memory": ["client", "up MB/s", "down MB/s", "peak RSS growth up (MiB)",
+                       "down (MiB)"],
         }
         for name, rows in self.rows.items():
             out += [f"### {name}", "", *table(heads[name], rows), ""]
@@ -323,9 +406,13 @@ def main() -> int:
     ap.add_argument("--rtt-ms", type=float, default=50.0)
     ap.add_argument("--mbit", type=float, default=1000.0, help="0: no bandwidth cap")
     ap.add_argument("--files", type=int, default=200)
-    ap.add_argument("--bulk-mib", type=int, default=64)
+    ap.add_argument("--bulk-mib", type=int, default=128)
+    ap.add_argument("--bulk-reps", type=int, default=3, help="median of this many per client")
+    ap.add_argument("--rss-mib", type=int, default=1024,
+                    help="file size of the memory part (0: skip it)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["cold", "warm", "bulk", "tree"], action="append")
+    ap.add_argument("--only", choices=["cold", "warm", "bulk", "tree", "memory"],
+                    action="append")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results-wan.md"))
     args = ap.parse_args()
     for tool in ("ssh", "sftp", "scp", "rsync"):
@@ -335,7 +422,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sshbridge-wan-") as tmp:
         bench = Bench(args, Path(tmp))
         try:
-            for part in args.only or ["cold", "warm", "bulk", "tree"]:
+            for part in args.only or ["cold", "warm", "bulk", "tree", "memory"]:
                 log(f"{part} ...")
                 getattr(bench, part)()
         finally:
