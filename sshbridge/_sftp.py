@@ -865,11 +865,22 @@ def download_file(
     done = False
     try:
         with mapped(source, remote, "download") as client:
-            attrs = client.stat(remote)
-            if stat_mod.S_ISDIR(attrs.st_mode or 0):
-                discard = True
-                raise InvalidArgument(f"remote path {remote!r} is a directory, not a file")
-            size = attrs.st_size or 0
+            # The OPEN goes with the STAT, in one round trip (a directory opened for
+            # reading is closed again).
+            answers = _transfer.exchange(
+                client, [_transfer.stat_request(remote), _transfer.read_open_request(remote)])
+            try:
+                attrs = _transfer.attrs_answer(*answers[0], "a STAT")
+                if stat_mod.S_ISDIR(attrs.mode or 0):
+                    discard = True
+                    raise InvalidArgument(f"remote path {remote!r} is a directory, not a file")
+                handle = _transfer.handle_answer(*answers[1], "an OPEN")
+            except BaseException:
+                if answers[1][0] == CMD_HANDLE:
+                    _transfer.close_quietly(
+                        client, _transfer.handle_answer(*answers[1], "an OPEN"))
+                raise
+            size = attrs.size or 0
             if start > size:  # not a prefix of this file: start over
                 os.ftruncate(fd, 0)
                 start = 0
@@ -879,24 +890,23 @@ def download_file(
             crew.launch()
             crew.aim_download(remote)
             try:
-                fh = client.open(remote, "rb")
                 try:
                     if channels > 1:
                         stats = _ranges.download(
-                            crew, client, _transfer.handle_of(fh), _transfer.FdSink(fd),
+                            crew, client, handle, _transfer.FdSink(fd),
                             start=start, size=size, channels=channels, progress=callback,
                         )
                     else:
                         stats = _transfer.download(
-                            client, _transfer.handle_of(fh), _transfer.FdSink(fd), size=size,
+                            client, handle, _transfer.FdSink(fd), size=size,
                             start=start, progress=callback, path=remote,
                         )
                 except BaseException:
-                    _quiet_close(fh)
+                    _transfer.close_quietly(client, handle)
                     raise
             finally:
                 crew.cancel()
-            fh.close()
+            _transfer.close_unanswered(client, handle)
             discard = True
             if stats.end != size:
                 raise RemotePathError(
@@ -907,10 +917,10 @@ def download_file(
             if verify == "sha256":
                 _verify_remote(source, remote, lambda: _transfer.local_sha256(tmp), size,
                                f"download of {remote!r}", remote)
-            if preserve_mode and attrs.st_mode is not None:
+            if preserve_mode and attrs.mode is not None:
                 # Permission bits only: a setuid, setgid or sticky bit from the sandbox
                 # is not carried onto this machine (OpenSSH's sftp masks them too).
-                os.fchmod(fd, stat_mod.S_IMODE(attrs.st_mode) & 0o777)
+                os.fchmod(fd, stat_mod.S_IMODE(attrs.mode) & 0o777)
         os.close(fd)
         fd = -1
         os.replace(tmp, local_path)

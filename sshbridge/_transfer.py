@@ -736,6 +736,20 @@ def open_request(path: str, *, resume: bool, mode: int | None) -> tuple[int, byt
     return CMD_OPEN, upload_open_payload(path, resume=resume, mode=mode)
 
 
+def read_open_request(path: str) -> tuple[int, bytes]:
+    """The OPEN of ``path`` for reading (its answer to handle_answer)."""
+    return CMD_OPEN, _string(path) + _U32.pack(SFTP_FLAG_READ) + encode_attrs()
+
+
+def close_unanswered(client: paramiko.SFTPClient, handle: bytes) -> None:
+    """CLOSE a handle only read from without waiting for the answer: nothing depends on
+    it, and whoever reads this client next skips it (Wire and paramiko skip answers to
+    ids they do not know). Saves a download its last round trip."""
+    wire = Wire(client)
+    payload = _string(handle)
+    wire.send(_HDR.pack(5 + len(payload), CMD_CLOSE, wire.next_id()) + payload)
+
+
 def close_request(handle: bytes) -> tuple[int, bytes]:
     return CMD_CLOSE, _string(handle)
 

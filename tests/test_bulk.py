@@ -486,6 +486,27 @@ def test_a_put_pays_few_sequential_round_trips(
     assert tap.deepest() <= (3 if size < 32 * MIB else 4), tap.chains
 
 
+def test_a_get_pays_two_sequential_round_trips(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = rdir / "g.bin"
+    digest = _random_file(src, 3 * MIB)
+    _sftp.get(link, str(src), tmp_path / "warm.bin")  # the channel is open
+    tap = _tap(monkeypatch)
+    _sftp.get(link, str(src), tmp_path / "g.bin")
+    monkeypatch.undo()
+    assert _sha(tmp_path / "g.bin") == digest
+    # The STAT with the OPEN, then every READ with the end-of-file probe among them.
+    waited = [(k, d) for chain in tap.chains.values() for k, d in chain if k != 4]
+    assert max(d for _k, d in waited) <= 2, tap.chains
+    # The CLOSE goes out last and nobody waits for its answer.
+    closes = [key for key, (kind, _d) in tap.asked.items() if kind == 4]
+    assert len(closes) == 1, tap.chains
+    # The next transfer on that client skips the stray answer.
+    _sftp.get(link, str(src), tmp_path / "again.bin")
+    assert _sha(tmp_path / "again.bin") == digest
+
+
 @pytest.mark.parametrize("size", [1 * MIB, 40 * MIB])
 def test_put_to_an_existing_directory_lands_inside_and_leaves_no_temp(
     link: Link, rdir: Path, tmp_path: Path, size: int
