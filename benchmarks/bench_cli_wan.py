@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_common import SSH_BASE_OPTS, log, table, write_keyfile
-from latency_proxy import LatencyProxy
+from latency_proxy import ProxyProcess
 from sshd_server import PreambleFront, start_sshd
 
 from sshbridge.emulator import Emulator, OpenSSHTarget
@@ -55,7 +55,7 @@ class Bench:
         self.sshd.add_authorized_key(write_keyfile(self.key))
         # sshbridge's path: API proxy -> emulator; SSH proxy -> preamble front -> sshd.
         self.front = PreambleFront((self.sshd.host, self.sshd.port), lambda _: True)
-        self.ssh_link = LatencyProxy(
+        self.ssh_link = ProxyProcess(
             (self.front.host, self.front.port), rtt=self.rtt, bandwidth=self.bw
         )
         target = OpenSSHTarget(
@@ -67,10 +67,10 @@ class Bench:
         self.emu = Emulator(openssh=target, contract="vm").start()
         self.emu.rate_limit = (10_000, 60.0)
         api_host, api_port = self.emu.base_url.split("//")[1].rsplit(":", 1)
-        self.api_link = LatencyProxy((api_host, int(api_port)), rtt=self.rtt, bandwidth=self.bw)
+        self.api_link = ProxyProcess((api_host, int(api_port)), rtt=self.rtt, bandwidth=self.bw)
         self.sid = self.emu.create_sandbox()
         # OpenSSH's path: SSH proxy -> sshd.
-        self.alt_link = LatencyProxy(
+        self.alt_link = ProxyProcess(
             (self.sshd.host, self.sshd.port), rtt=self.rtt, bandwidth=self.bw
         )
         # Short: the holder's socket path must fit in a sockaddr_un.

@@ -43,7 +43,7 @@ from typing import Any
 
 from bench_common import SSH_BASE_OPTS, log, table, write_keyfile
 from bench_warm import AsyncSSH, OpenSSHMux, Paramiko
-from latency_proxy import LatencyProxy
+from latency_proxy import ProxyProcess
 from sshd_server import PreambleFront, start_sshd
 
 from sshbridge import SandboxSSH
@@ -95,7 +95,7 @@ class Bench:
         self.sshd.add_authorized_key(write_keyfile(self.key))
         # sshbridge's path: API proxy -> emulator; SSH proxy -> preamble front -> sshd.
         self.front = PreambleFront((self.sshd.host, self.sshd.port), lambda _: True)
-        self.ssh_link = LatencyProxy((self.front.host, self.front.port), rtt=self.rtt,
+        self.ssh_link = ProxyProcess((self.front.host, self.front.port), rtt=self.rtt,
                                      bandwidth=self.bw)
         target = OpenSSHTarget(self.ssh_link.host, self.ssh_link.port, self.sshd.username,
                                self.sshd.authorized_keys_file)
@@ -104,11 +104,11 @@ class Bench:
         host, port = self.emu.base_url.rsplit(":", 1)[0].split("//")[1], int(
             self.emu.base_url.rsplit(":", 1)[1]
         )
-        self.api_link = LatencyProxy((host, port), rtt=self.rtt, bandwidth=self.bw)
+        self.api_link = ProxyProcess((host, port), rtt=self.rtt, bandwidth=self.bw)
         self.base_url = f"http://{self.api_link.host}:{self.api_link.port}"
         self.sid = self.emu.create_sandbox()
         # The alternatives' path: SSH proxy -> sshd.
-        self.alt_link = LatencyProxy((self.sshd.host, self.sshd.port), rtt=self.rtt,
+        self.alt_link = ProxyProcess((self.sshd.host, self.sshd.port), rtt=self.rtt,
                                      bandwidth=self.bw)
         self.alt = SimpleNamespace(host=self.alt_link.host, port=self.alt_link.port,
                                    username=self.sshd.username)
