@@ -29,9 +29,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_common import SSH_BASE_OPTS, log, table, write_keyfile
+from bench_common import SSH_BASE_OPTS, FrontProcess, log, table, write_keyfile
 from latency_proxy import ProxyProcess
-from sshd_server import PreambleFront, start_sshd
+from sshd_server import start_sshd
 
 from sshbridge.emulator import Emulator, OpenSSHTarget
 
@@ -54,7 +54,7 @@ class Bench:
         self.key = work / "id_ed25519"
         self.sshd.add_authorized_key(write_keyfile(self.key))
         # sshbridge's path: API proxy -> emulator; SSH proxy -> preamble front -> sshd.
-        self.front = PreambleFront((self.sshd.host, self.sshd.port), lambda _: True)
+        self.front = FrontProcess((self.sshd.host, self.sshd.port))
         self.ssh_link = ProxyProcess(
             (self.front.host, self.front.port), rtt=self.rtt, bandwidth=self.bw
         )

@@ -8,6 +8,7 @@ measured for this process's GIL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,49 @@ SSH_BASE_OPTS = [
     "-o",
     "LogLevel=ERROR",
 ]
+
+
+# -- the contract-B front, out of process -------------------------------------------------
+
+_FRONT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from sshd_server import PreambleFront
+front = PreambleFront((sys.argv[1], int(sys.argv[2])), lambda _: True)
+print("port", front.port, flush=True)
+sys.stdin.buffer.read()  # until the parent closes it (or dies)
+front.close()
+"""
+
+
+class FrontProcess:
+    """tests/sshd_server.py's PreambleFront (contract B's preamble in front of a plain
+    sshd) in a process of its own: it relays every byte in Python, which in the
+    benchmark's process would take CPU and the GIL from the client being measured (the
+    alternatives, talking to sshd directly, have no such relay). Exits with its stdin."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.host = "127.0.0.1"
+        argv = [sys.executable, "-c", _FRONT, target[0], str(target[1]), str(ROOT / "tests")]
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().decode().split()
+        if len(line) != 2 or line[0] != "port":
+            self.close()
+            raise RuntimeError("the preamble front did not start")
+        self.port = int(line[1])
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(10)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
 
 
 # -- statistics --------------------------------------------------------------------------
