@@ -695,8 +695,13 @@ def _peer_open(transport: paramiko.Transport) -> bool:
             return True  # nothing pending: open as far as the kernel knows
         if events[0][1] & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
             return False
+        if _POLLRDHUP:
+            return True  # data pending and no FIN: the kernel said so, nothing to read
+        # Without POLLRDHUP, peek: nothing (EOF) means the peer closed. The socket has a
+        # timeout, so Python waits for data first: paramiko's reader may have taken
+        # what poll() saw, and then that wait ends in TimeoutError, which is not EOF.
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
+    except (BlockingIOError, TimeoutError):
         return True
     except (OSError, ValueError):
         return False

@@ -191,6 +191,70 @@ def test_drain_lets_running_work_finish_then_closes(emu: Emulator) -> None:
         assert old.session_id not in emu.open_sessions()
 
 
+@pytest.mark.one_contract
+def test_a_busy_connection_never_looks_closed_to_the_liveness_check() -> None:
+    # The drain and reconnect decisions ask whether a link's peer is still there while
+    # paramiko's reader thread takes what arrives. The check once peeked at data that
+    # reader then took: Python's recv on a socket with a timeout waited for more, timed
+    # out, and that was read as "closed", so a running command's connection was cut.
+    # Real sockets, a real reader thread and a sender; bounded in count and time.
+    import socket as socket_mod
+    from types import SimpleNamespace
+
+    from sshbridge._link import _peer_open
+
+    server = socket_mod.create_server(("127.0.0.1", 0))
+    ours = socket_mod.create_connection(server.getsockname())
+    theirs, _ = server.accept()
+    ours.settimeout(0.1)  # as paramiko's transport sets it
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                if not ours.recv(65536):
+                    return
+            except TimeoutError:
+                continue
+
+    def sender() -> None:
+        # Bursts farther apart than the socket's timeout: a peek that loses its byte to
+        # the reader then waits the whole timeout for the next.
+        while not stop.is_set():
+            theirs.sendall(b"x")
+            stop.wait(0.15)
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=sender)]
+    for t in threads:
+        t.start()
+    try:
+        transport = SimpleNamespace(sock=ours)
+        end = time.monotonic() + 2.0
+        checks = closed = 0
+        while time.monotonic() < end:
+            checks += 1
+            closed += not _peer_open(transport)  # type: ignore[arg-type]
+        assert closed == 0, f"{closed} of {checks} checks saw a live connection as closed"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        for sock in (ours, theirs, server):
+            sock.close()
+    # And a real close is still seen.
+    a = socket_mod.create_server(("127.0.0.1", 0))
+    b = socket_mod.create_connection(a.getsockname())
+    c, _ = a.accept()
+    c.sendall(b"bye")
+    c.close()
+    time.sleep(0.05)  # the FIN crosses loopback
+    try:
+        assert not _peer_open(SimpleNamespace(sock=b))  # type: ignore[arg-type]
+    finally:
+        b.close()
+        a.close()
+
+
 def test_expiry_without_successor_raises_session_expired_not_hang(emu: Emulator) -> None:
     sandbox = emu.create_sandbox()
     with connect(emu, sandbox, ttl_seconds=3) as shell:
