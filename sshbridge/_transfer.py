@@ -744,10 +744,12 @@ def read_open_request(path: str) -> tuple[int, bytes]:
 def close_unanswered(client: paramiko.SFTPClient, handle: bytes) -> None:
     """CLOSE a handle only read from without waiting for the answer: nothing depends on
     it, and whoever reads this client next skips it (Wire and paramiko skip answers to
-    ids they do not know). Saves a download its last round trip."""
-    wire = Wire(client)
+    ids they do not know). Saves a download its last round trip. A channel already
+    gone takes the handle with it, so that is no error."""
     payload = _string(handle)
-    wire.send(_HDR.pack(5 + len(payload), CMD_CLOSE, wire.next_id()) + payload)
+    with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
+        wire = Wire(client)
+        wire.send(_HDR.pack(5 + len(payload), CMD_CLOSE, wire.next_id()) + payload)
 
 
 def close_request(handle: bytes) -> tuple[int, bytes]:
