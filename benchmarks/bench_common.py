@@ -8,7 +8,6 @@ measured for this process's GIL.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from latency_proxy import ChildServer
 
 ROOT = Path(__file__).resolve().parent.parent
 for _p in (ROOT, ROOT / "tests"):
@@ -54,34 +54,15 @@ front.close()
 """
 
 
-class FrontProcess:
+class FrontProcess(ChildServer):
     """tests/sshd_server.py's PreambleFront (contract B's preamble in front of a plain
     sshd) in a process of its own: it relays every byte in Python, which in the
     benchmark's process would take CPU and the GIL from the client being measured (the
-    alternatives, talking to sshd directly, have no such relay). Exits with its stdin."""
+    alternatives, talking to sshd directly, have no such relay)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.host = "127.0.0.1"
-        argv = [sys.executable, "-c", _FRONT, target[0], str(target[1]), str(ROOT / "tests")]
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self._proc.stdout is not None
-        line = self._proc.stdout.readline().decode().split()
-        if len(line) != 2 or line[0] != "port":
-            self.close()
-            raise RuntimeError("the preamble front did not start")
-        self.port = int(line[1])
-
-    def close(self) -> None:
-        if self._proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._proc.stdin.close()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(10)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        super().__init__([sys.executable, "-c", _FRONT, target[0], str(target[1]),
+                          str(ROOT / "tests")], "the preamble front")
 
 
 # -- statistics --------------------------------------------------------------------------

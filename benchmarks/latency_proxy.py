@@ -33,7 +33,7 @@ import time
 from collections import deque
 from types import TracebackType
 
-__all__ = ["LatencyProxy", "ProxyProcess"]
+__all__ = ["ChildServer", "LatencyProxy", "ProxyProcess"]
 
 _CHUNK = 65536
 
@@ -216,38 +216,19 @@ class LatencyProxy:
         self.close()
 
 
-class ProxyProcess:
-    """A :class:`LatencyProxy` in a process of its own, with the same ``host``, ``port``
-    and ``close()``.
+class ChildServer:
+    """A loopback server in a process of its own: ``argv`` starts it, it prints
+    ``port N`` once listening and exits when its stdin closes (so it never outlives
+    the parent). ``host``, ``port``, ``close()``, and a context manager."""
 
-    The link then takes no CPU time (and no GIL) from the client being measured, as a
-    real network would not: in the benchmark's own process, moving 125 MB/s through
-    asyncio costs an in-process Python client a few per cent. The child exits when its
-    stdin closes, so it never outlives the benchmark.
-    """
-
-    def __init__(
-        self,
-        target: tuple[str, int],
-        *,
-        rtt: float = 0.050,
-        bandwidth: float | None = 125e6,
-        queue: int = 4 * 1024 * 1024,
-    ) -> None:
-        if rtt < 0 or (bandwidth is not None and bandwidth <= 0):
-            raise ValueError("rtt must be >= 0 and bandwidth > 0 (or None)")
-        self.target = target
-        self.rtt = rtt
-        self.bandwidth = bandwidth
+    def __init__(self, argv: list[str], what: str) -> None:
         self.host = "127.0.0.1"
-        argv = [sys.executable, __file__, "--serve", f"{target[0]}:{target[1]}", str(rtt),
-                str(bandwidth or 0), str(queue)]
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline().decode().split()
         if len(line) != 2 or line[0] != "port":
             self.close()
-            raise RuntimeError("latency proxy process did not start")
+            raise RuntimeError(f"{what} did not start")
         self.port = int(line[1])
 
     def close(self) -> None:
@@ -262,16 +243,32 @@ class ProxyProcess:
         if self._proc.stdout is not None:
             self._proc.stdout.close()
 
-    def __enter__(self) -> ProxyProcess:
+    def __enter__(self) -> ChildServer:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ProxyProcess(ChildServer):
+    """A :class:`LatencyProxy` (same arguments) in a process of its own.
+
+    The link then takes no CPU time (and no GIL) from the client being measured, as a
+    real network would not.
+    """
+
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        rtt: float = 0.050,
+        bandwidth: float | None = 125e6,
+        queue: int = 4 * 1024 * 1024,
+    ) -> None:
+        if rtt < 0 or (bandwidth is not None and bandwidth <= 0):
+            raise ValueError("rtt must be >= 0 and bandwidth > 0 (or None)")
+        super().__init__([sys.executable, __file__, "--serve", f"{target[0]}:{target[1]}",
+                          str(rtt), str(bandwidth or 0), str(queue)], "latency proxy process")
 
 
 def _serve(target: str, rtt: str, bandwidth: str, queue: str) -> None:
