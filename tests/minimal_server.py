@@ -422,7 +422,8 @@ class _Exec:
         finally:
             out.close()
             err.close()
-            self.chan.close()
+            with contextlib.suppress(EOFError, OSError):  # the connection went first
+                self.chan.close()
 
     def _watch(self) -> None:
         """When the channel closes (either side, or the connection): kill the whole
