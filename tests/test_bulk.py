@@ -108,9 +108,12 @@ def test_channel_count_follows_the_size() -> None:
     assert _ranges.channels_for(_ranges.PARALLEL_MIN - 1) == 1
     assert _ranges.channels_for(_ranges.PARALLEL_MIN) == 2
     assert _ranges.channels_for(1 << 40) == _ranges.MAX_CHANNELS
-    # Resumes start SKEW back only where a parallel transfer may have left gaps.
-    assert _ranges.resume_from(5 * MIB, 10 * MIB) == 5 * MIB
+    # Resumes start the skew back only where a parallel transfer may have left gaps:
+    # 24 MiB, or half a smaller file.
+    assert _ranges.resume_from(3 * MIB, 6 * MIB) == 3 * MIB
     assert _ranges.resume_from(60 * MIB, 100 * MIB) == 60 * MIB - _ranges.SKEW
+    assert _ranges.resume_from(12 * MIB, 16 * MIB) == 4 * MIB
+    assert _ranges.resume_from(7 * MIB, 8 * MIB) == 3 * MIB  # at least MIN_SKEW back
     assert _ranges.resume_from(10 * MIB, 100 * MIB) == 0
     assert _ranges.resume_from(60 * MIB, 100 * MIB, download=True) == 60 * MIB
 
