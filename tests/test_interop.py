@@ -290,6 +290,28 @@ def test_put_get_3mib_byte_exact(shell: SandboxSSH, rdir: Path, tmp_path: Path) 
     assert _leftovers(rdir, tmp_path) == []
 
 
+def test_parallel_put_into_a_directory_and_back(
+    shell: SandboxSSH, rdir: Path, tmp_path: Path
+) -> None:
+    # 12 MiB goes over several channels, which open the temporary file beside the first
+    # channel's own OPEN; named by a directory (no trailing slash), that guess was wrong
+    # and its file must be gone. Every server: the minimal one refuses the extra
+    # channels past its three, and has no posix-rename.
+    data = random.Random(5).randbytes(12 * MIB + 3)
+    local = tmp_path / "par.bin"
+    local.write_bytes(data)
+    (rdir / "into").mkdir()
+    target = shell.put(local, str(rdir / "into"))
+    assert target == str(rdir / "into" / "par.bin")
+    assert (rdir / "into" / "par.bin").read_bytes() == data
+    again = shell.put(local, str(rdir / "par.bin"))  # a new name this time, then over it
+    shell.put(local, again)
+    assert (rdir / "par.bin").read_bytes() == data
+    back = shell.get(again, tmp_path / "back.bin")
+    assert back.read_bytes() == data
+    assert _leftovers(rdir, tmp_path) == [] and _leftovers(rdir / "into") == []
+
+
 def test_put_get_3mib_sha256(shell: SandboxSSH, rdir: Path, tmp_path: Path) -> None:
     if shell.run("command -v sha256sum").exit_code != 0:
         pytest.skip("no sha256sum on the server")
