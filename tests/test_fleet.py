@@ -153,24 +153,30 @@ def test_member_stopped_mid_batch_reports_typed_error_others_finish(emu: Emulato
 def test_members_renew_during_a_long_batch(emu: Emulator) -> None:
     ids = [emu.create_sandbox() for _ in range(8)]
 
-    def work(shell: SandboxSSH) -> tuple[int, int]:
+    def work(shell: SandboxSSH) -> tuple[int, int, float]:
         # ~9 s of back-to-back commands on 5 s sessions that the emulator cuts at expiry.
         end = time.monotonic() + 9
         n = 0
+        last = time.monotonic()
+        gap = 0.0
         while time.monotonic() < end:
             n += 1
             r = shell.run(["echo", str(n)])
             assert r.stdout == f"{n}\n", r
+            now = time.monotonic()
+            gap, last = max(gap, now - last), now
             time.sleep(0.05)  # pacing: ~9 s of commands spread over the renewals
-        return n, shell.renewals
+        return n, shell.renewals, gap
 
     # connect_timeout=5: a close that lands during a renewal's connect otherwise leaves
     # that renewal retrying a DELETEd session's port for the default 30 s (core race).
     with Fleet(ids, ttl_seconds=5, connect_timeout=5, **opts(emu)) as fleet:
         results = fleet.map(work, raise_on_error=True)
         for sid in ids:
-            count, renewals = results[sid].unwrap()
-            assert count > 30
+            count, renewals, gap = results[sid].unwrap()
+            # Commands kept coming through every renewal (how many depends on the
+            # machine's load; no renewal held them up for a session's length).
+            assert count >= 10 and gap < 5, (sid, count, gap)
             assert renewals >= 2, (sid, renewals)
         assert fleet.run("echo still", raise_on_error=True).ok
     for sid in ids:
