@@ -38,6 +38,11 @@ __all__ = ["ChildServer", "LatencyProxy", "ProxyProcess"]
 _CHUNK = 65536
 
 
+def _check_link(rtt: float, bandwidth: float | None) -> None:
+    if rtt < 0 or (bandwidth is not None and bandwidth <= 0):
+        raise ValueError("rtt must be >= 0 and bandwidth > 0 (or None)")
+
+
 class _Direction:
     """One way of one connection: timed delivery through a capped, delayed pipe."""
 
@@ -121,8 +126,7 @@ class LatencyProxy:
         bandwidth: float | None = 125e6,
         queue: int = 4 * 1024 * 1024,
     ) -> None:
-        if rtt < 0 or (bandwidth is not None and bandwidth <= 0):
-            raise ValueError("rtt must be >= 0 and bandwidth > 0 (or None)")
+        _check_link(rtt, bandwidth)
         self.target = target
         self.rtt = rtt
         self.bandwidth = bandwidth
@@ -265,8 +269,7 @@ class ProxyProcess(ChildServer):
         bandwidth: float | None = 125e6,
         queue: int = 4 * 1024 * 1024,
     ) -> None:
-        if rtt < 0 or (bandwidth is not None and bandwidth <= 0):
-            raise ValueError("rtt must be >= 0 and bandwidth > 0 (or None)")
+        _check_link(rtt, bandwidth)
         super().__init__([sys.executable, __file__, "--serve", f"{target[0]}:{target[1]}",
                           str(rtt), str(bandwidth or 0), str(queue)], "latency proxy process")
 

@@ -32,7 +32,7 @@ from typing import NoReturn
 
 import pytest
 from conftest import SECRET_KEY, running_emulator
-from emu_helpers import wait_until
+from emu_helpers import pids_with, wait_until
 from minimal_server import MinimalServer
 from sshd_server import (
     DropbearStartError,
@@ -136,22 +136,6 @@ def rdir(server: Server, request: pytest.FixtureRequest) -> Path:
     return d
 
 
-def _processes_with(needle: str) -> list[int]:
-    """Live local pids whose command line contains ``needle``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if needle.encode() in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
-
-
 def _leftovers(*dirs: Path) -> list[str]:
     return sorted(str(p) for d in dirs for p in d.rglob("*") if ".sshbridge" in p.name)
 
@@ -236,8 +220,8 @@ def test_timeout_stops_the_remote_process(shell: SandboxSSH) -> None:
         shell.run(f"echo started; {marker}; echo never", timeout=0.5)
     assert time.monotonic() - start < 2.5
     assert info.value.result.stdout == "started\n"
-    wait_until(lambda: _processes_with(marker) == [], 2, "the timed-out command's process to end")
-    assert _processes_with(marker) == []
+    wait_until(lambda: pids_with(marker) == [], 2, "the timed-out command's process to end")
+    assert pids_with(marker) == []
     assert shell.run("echo still usable").stdout == "still usable\n"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SECRET_KEY
-from emu_helpers import settle_threads, wait_until
+from emu_helpers import pids_with, settle_threads, wait_until
 
 from sshbridge import (
     AcceptAnyHostKey,
@@ -46,21 +46,6 @@ def connect(emu: Emulator, sandbox_id: str, **kw: object) -> SandboxSSH:
 def shell(emu: Emulator, sandbox: str) -> Iterator[SandboxSSH]:
     with connect(emu, sandbox) as s:
         yield s
-
-
-def processes_with(needle: str) -> list[int]:
-    """Local pids whose command line contains ``needle`` (the emulator runs them here)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if needle.encode() in cmdline:
-            found.append(int(entry))
-    return found
 
 
 # -- the main flow ------------------------------------------------------------------------
@@ -171,8 +156,8 @@ def test_timeout_stops_the_remote_process(shell: SandboxSSH) -> None:
         shell.run("echo started; sleep 31.4159; echo never", timeout=1)
     assert info.value.result.stdout == "started\n"
     assert isinstance(info.value, TimeoutError)
-    wait_until(lambda: processes_with("sleep 31.4159") == [], 5, "the remote sleep to end", 0.1)
-    assert processes_with("sleep 31.4159") == []
+    wait_until(lambda: pids_with("sleep 31.4159") == [], 5, "the remote sleep to end", 0.1)
+    assert pids_with("sleep 31.4159") == []
 
 
 @pytest.mark.contracts
