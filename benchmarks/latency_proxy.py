@@ -17,6 +17,10 @@ Model, per connection and per direction:
   client's connect at once, so the whole connection is shifted by one rtt instead of
   1-1.5; what a protocol pays per round trip after that is exact.)
 
+``flights`` counts, per connection, the client's flights: sends that follow an answer to
+its previous flight. Each after the first is a round trip the client waited for, so two
+clients' counts compare their round trips without a clock.
+
 Listens on 127.0.0.1 only. Runs its own event loop in one thread; ``close()`` ends every
 connection and joins it.
 """
@@ -43,6 +47,31 @@ def _check_link(rtt: float, bandwidth: float | None) -> None:
         raise ValueError("rtt must be >= 0 and bandwidth > 0 (or None)")
 
 
+class _Flights:
+    """One connection's client flights, counted by cause, not by clock: a flight starts
+    when the client sends after it was given server bytes that the server sent after
+    it had the client's latest flight. So a flight split by a stall, a server's answer
+    in several pieces, or the server's unprompted banner starts none."""
+
+    def __init__(self, proxy: LatencyProxy, slot: int) -> None:
+        self.proxy = proxy
+        self.slot = slot
+        self.current = 0  # the client's latest flight, as read from it
+        self.written = 0  # the latest flight handed to the server
+        self.answered = False  # the client was given an answer to its latest flight
+
+    def client_sent(self) -> int:
+        if self.current == 0 or self.answered:
+            self.current += 1
+            self.answered = False
+            self.proxy.flights[self.slot] = self.current
+        return self.current
+
+    def given_to_client(self, tag: int) -> None:
+        if tag and tag == self.current:
+            self.answered = True
+
+
 class _Direction:
     """One way of one connection: timed delivery through a capped, delayed pipe."""
 
@@ -52,11 +81,17 @@ class _Direction:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         start_at: float,
+        flights: _Flights,
+        upstream: bool,
     ) -> None:
         self.proxy = proxy
+        self.flights = flights
+        self.upstream = upstream
         self.reader = reader
         self.writer = writer
-        self.queue: deque[tuple[float, bytes]] = deque()
+        # (due, bytes, tag): upstream the client's flight, downstream the latest client
+        # flight the server had when it sent the bytes.
+        self.queue: deque[tuple[float, bytes, int]] = deque()
         self.queued = 0
         self.tx_free = start_at  # when the bottleneck is free to send the next byte
         self.start_at = start_at
@@ -76,9 +111,10 @@ class _Direction:
                 if not data:
                     break
                 now = loop.time()
+                tag = self.flights.client_sent() if self.upstream else self.flights.written
                 begin = max(now, self.tx_free, self.start_at)
                 self.tx_free = begin + (len(data) / bw if bw else 0.0)
-                self.queue.append((self.tx_free + half, data))
+                self.queue.append((self.tx_free + half, data, tag))
                 self.queued += len(data)
                 if self.queued > self.proxy.capacity:
                     self.room.clear()
@@ -99,11 +135,15 @@ class _Direction:
                     self.more.clear()
                     await self.more.wait()
                     continue
-                due, data = self.queue[0]
+                due, data, tag = self.queue[0]
                 wait = due - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 self.queue.popleft()
+                if self.upstream:
+                    self.flights.written = max(self.flights.written, tag)
+                else:
+                    self.flights.given_to_client(tag)
                 self.queued -= len(data)
                 if self.queued <= self.proxy.capacity:
                     self.room.set()
@@ -135,6 +175,9 @@ class LatencyProxy:
         self.host = "127.0.0.1"
         self.port = 0
         self.connections = 0
+        # Per connection, in accept order: the client's flights (see _Flights), so how
+        # many times it waited for an answer, plus one.
+        self.flights: list[int] = []
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,6 +208,8 @@ class LatencyProxy:
         self._tasks.add(task)
         self._writers.add(c_writer)
         self.connections += 1
+        slot = len(self.flights)
+        self.flights.append(0)
         loop = asyncio.get_running_loop()
         opened_at = loop.time() + self.rtt
         try:
@@ -172,7 +217,9 @@ class LatencyProxy:
                 sock = c_writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            up = _Direction(self, c_reader, c_writer, opened_at)  # writer fixed below
+            flights = _Flights(self, slot)
+            # The writer is fixed below.
+            up = _Direction(self, c_reader, c_writer, opened_at, flights, upstream=True)
             await asyncio.sleep(self.rtt)
             try:
                 s_reader, s_writer = await asyncio.open_connection(*self.target)
@@ -184,7 +231,7 @@ class LatencyProxy:
                     socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
                 )
             up.writer = s_writer
-            down = _Direction(self, s_reader, c_writer, opened_at)
+            down = _Direction(self, s_reader, c_writer, opened_at, flights, upstream=False)
             await asyncio.gather(up.pump_in(), up.pump_out(), down.pump_in(), down.pump_out())
             s_writer.close()
         except asyncio.CancelledError:
@@ -270,15 +317,26 @@ class ProxyProcess(ChildServer):
         queue: int = 4 * 1024 * 1024,
     ) -> None:
         _check_link(rtt, bandwidth)
-        super().__init__([sys.executable, __file__, "--serve", f"{target[0]}:{target[1]}",
-                          str(rtt), str(bandwidth or 0), str(queue)], "latency proxy process")
+        super().__init__(
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                f"{target[0]}:{target[1]}",
+                str(rtt),
+                str(bandwidth or 0),
+                str(queue),
+            ],
+            "latency proxy process",
+        )
 
 
 def _serve(target: str, rtt: str, bandwidth: str, queue: str) -> None:
     host, port = target.rsplit(":", 1)
     bw = float(bandwidth)
-    with LatencyProxy((host, int(port)), rtt=float(rtt), bandwidth=bw or None,
-                      queue=int(queue)) as link:
+    with LatencyProxy(
+        (host, int(port)), rtt=float(rtt), bandwidth=bw or None, queue=int(queue)
+    ) as link:
         print(f"port {link.port}", flush=True)
         sys.stdin.buffer.read()  # until the parent closes it (or dies)
 
