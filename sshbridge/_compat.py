@@ -179,6 +179,12 @@ def set_handshake_timeouts(transport: paramiko.Transport, timeout: float) -> Non
     transport.handshake_timeout = timeout
 
 
+def set_rekey_bytes(transport: paramiko.Transport, limit: int) -> None:
+    """Rekey after ``limit`` bytes each way instead of paramiko's 512 MiB: a class
+    attribute of its Packetizer, read through the instance on every packet."""
+    transport.packetizer.REKEY_BYTES = limit
+
+
 def watch_channel_failures(
     transport: paramiko.Transport, callback: Callable[[paramiko.Channel], None]
 ) -> bool:
