@@ -419,12 +419,13 @@ def _open_new(
     if remote.endswith("/"):
         target = posixpath.join(remote, local.name)
         only = _transfer.exchange(
-            client, [_transfer.open_request(tmp, resume=False, mode=mode), *extra])
+            client, [_transfer.open_request(tmp, resume=False, mode=mode, new_name=True), *extra])
         if ask_limits:
             _transfer.remember_limits(client, *only[1])
         return target, tmp, _transfer.handle_answer(*only[0], "an OPEN")
     answers = _transfer.exchange(client, [
-        _transfer.stat_request(remote), _transfer.open_request(tmp, resume=False, mode=mode),
+        _transfer.stat_request(remote),
+        _transfer.open_request(tmp, resume=False, mode=mode, new_name=True),
         *extra,
     ])
     if ask_limits:
@@ -438,7 +439,7 @@ def _open_new(
         return remote, tmp, _transfer.handle_answer(*opened, "an OPEN")
     target = posixpath.join(remote, local.name)
     inside = _transfer.temp_name(target, resume=False)
-    requests = [_transfer.open_request(inside, resume=False, mode=mode)]
+    requests = [_transfer.open_request(inside, resume=False, mode=mode, new_name=True)]
     # The crew's opens of tmp answered first, so that the REMOVE lands after them.
     made = crew.settle() if crew.count else False
     stray = opened[0] == CMD_HANDLE or made
@@ -625,6 +626,14 @@ def upload_file(
                         stat = _transfer.exchange(client, [_transfer.stat_request(tmp)])[0]
                         attrs = _transfer.attrs_answer(*stat, "a STAT")
                     written = attrs.size
+                    if written is not None and written > size and stats.end == size and not start:
+                        # Never truncated (see upload_open_payload): a file held the name.
+                        raise RemotePathError(
+                            f"upload to {target!r}: the temporary file {tmp!r} has {written} "
+                            f"bytes, more than the {size} sent (a file of that name was there "
+                            "before); nothing was put in place, try again",
+                            path=target,
+                        )
                     if written != size or stats.end != size:
                         raise RemotePathError(
                             f"upload to {target!r}: the sandbox has {written} bytes but the "
@@ -685,7 +694,8 @@ def putfo(
             tmp = _transfer.temp_name(remote, resume=False)
             try:
                 fh = _transfer.open_for_upload(
-                    client, tmp, resume=False, mode=None if mode is None else create_mode(mode)
+                    client, tmp, resume=False, mode=None if mode is None else create_mode(mode),
+                    new_name=True,
                 )
                 try:
                     stats = _transfer.upload(

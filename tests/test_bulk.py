@@ -510,6 +510,34 @@ def test_a_get_pays_two_sequential_round_trips(
     assert _sha(tmp_path / "again.bin") == digest
 
 
+@pytest.mark.parametrize("size", [3 * MIB, 12 * MIB])
+def test_a_file_already_holding_the_temporary_name_never_lands(
+    link: Link, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    # The temporary file is opened without truncation (its name is random: nothing to
+    # cut). If a longer file did hold that name, its bytes past the upload's end must
+    # not go in place under the target: the size check stops it.
+    src = tmp_path / "f.bin"
+    digest = _random_file(src, size)
+    target = rdir / "f.bin"
+    target.write_bytes(b"old")
+    real = _transfer.temp_name
+
+    def taken(name: str, *, resume: bool) -> str:
+        return real(name, resume=resume).rsplit("-", 1)[0] + "-00c0ffee.part"
+
+    monkeypatch.setattr(_transfer, "temp_name", taken)
+    squatter = rdir / ".f.bin.sshbridge-00c0ffee.part"
+    squatter.write_bytes(b"x" * (size + MIB))
+    with pytest.raises(RemotePathError, match="a file of that name was there before"):
+        _sftp.put(link, src, str(target))
+    assert target.read_bytes() == b"old"
+    monkeypatch.undo()
+    assert _sftp.put(link, src, str(target)) == str(target)
+    assert _sha(target) == digest
+    assert _leftovers(rdir) == []
+
+
 @pytest.mark.parametrize("size", [1 * MIB, 40 * MIB])
 def test_put_to_an_existing_directory_lands_inside_and_leaves_no_temp(
     link: Link, rdir: Path, tmp_path: Path, size: int
