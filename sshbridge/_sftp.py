@@ -876,9 +876,15 @@ def download_file(
     try:
         with mapped(source, remote, "download") as client:
             # The OPEN goes with the STAT, in one round trip (a directory opened for
-            # reading is closed again).
-            answers = _transfer.exchange(
-                client, [_transfer.stat_request(remote), _transfer.read_open_request(remote)])
+            # reading is closed again), and so does the connection's first ask of the
+            # server's request sizes.
+            ask_limits = _transfer.cached_limits(client) is None
+            answers = _transfer.exchange(client, [
+                _transfer.stat_request(remote), _transfer.read_open_request(remote),
+                *([_transfer.limits_request()] if ask_limits else []),
+            ])
+            if ask_limits:
+                _transfer.remember_limits(client, *answers[2])
             try:
                 attrs = _transfer.attrs_answer(*answers[0], "a STAT")
                 if stat_mod.S_ISDIR(attrs.mode or 0):

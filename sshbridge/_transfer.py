@@ -492,14 +492,22 @@ def _chunk_pipe(chan: paramiko.Channel) -> Iterator[None]:
             chan.in_buffer = old
 
 
-_limits_cache: weakref.WeakKeyDictionary[paramiko.SFTPClient, Limits] = (
+# Per connection: every SFTP channel of one connection is served by the same server
+# (asked once, not once per channel: a download on a channel that had only carried an
+# upload's byte ranges paid a round trip for it before its first READ).
+_limits_cache: weakref.WeakKeyDictionary[paramiko.Transport | paramiko.SFTPClient, Limits] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def _limits_key(client: paramiko.SFTPClient) -> paramiko.Transport | paramiko.SFTPClient:
+    transport = transport_of(client)
+    return client if transport is None else transport
+
+
 def server_limits(client: paramiko.SFTPClient) -> Limits:
     """Request sizes for this server, from limits@openssh.com when it has it."""
-    cached = _limits_cache.get(client)
+    cached = cached_limits(client)
     if cached is not None:
         return cached
     wire = Wire(client)
@@ -533,12 +541,12 @@ def remember_limits(client: paramiko.SFTPClient, kind: int, payload: bytes) -> L
             write=max(1024, min(write or MAX_BLOCK, cap, MAX_BLOCK)),
             handles=handles,
         )
-    _limits_cache[client] = limits
+    _limits_cache[_limits_key(client)] = limits
     return limits
 
 
 def cached_limits(client: paramiko.SFTPClient) -> Limits | None:
-    return _limits_cache.get(client)
+    return _limits_cache.get(_limits_key(client))
 
 
 def handle_of(fh: paramiko.SFTPFile) -> bytes:

@@ -13,13 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sshd_server import SSHDServer, find_sshd
-from tree_helpers import Boom, raise_after, serve_link, serve_sshd
+from tree_helpers import Boom, link_to, raise_after, serve_link, serve_sshd
 
 from sshbridge import ConnectionLost, RemotePathError, SandboxSSH, _ranges, _sftp, _transfer
 from sshbridge._link import Link
@@ -536,6 +537,59 @@ def test_a_file_already_holding_the_temporary_name_never_lands(
     assert _sftp.put(link, src, str(target)) == str(target)
     assert _sha(target) == digest
     assert _leftovers(rdir) == []
+
+
+def test_the_servers_request_sizes_are_asked_once_a_connection(
+    sshd: SSHDServer, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A parallel upload leaves four SFTP channels in the pool, three of which only ever
+    # carried byte ranges; downloads on all four at once ask limits@openssh.com no more
+    # (it had cost a download on such a channel a round trip before its first READ).
+    src = tmp_path / "f.bin"
+    digest = _random_file(src, 12 * MIB)
+    link = link_to(sshd)
+    try:
+        asked = _record(monkeypatch, _transfer, "remember_limits")
+        _sftp.put(link, src, str(rdir / "f.bin"))
+        errors: list[BaseException] = []
+
+        def fetch(i: int) -> None:
+            try:
+                _sftp.get(link, str(rdir / "f.bin"), tmp_path / f"back{i}.bin")
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert [_sha(tmp_path / f"back{i}.bin") for i in range(4)] == [digest] * 4
+        assert len(asked) == 1, asked
+    finally:
+        link.close()
+
+
+def test_a_connections_first_get_asks_the_request_sizes_with_its_open(
+    sshd: SSHDServer, rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = rdir / "first.bin"
+    digest = _random_file(src, 3 * MIB)
+    link = link_to(sshd)
+    try:
+        tap = _tap(monkeypatch)
+        _sftp.get(link, str(src), tmp_path / "first.bin")
+        monkeypatch.undo()
+    finally:
+        link.close()
+    assert _sha(tmp_path / "first.bin") == digest
+    (chain,) = [c for c in tap.chains.values() if any(k == 5 for k, _d in c)]
+    depth = {k: d for k, d in chain if k in (17, 3, 200)}
+    # limits@openssh.com (an EXTENDED) goes out with the STAT and the OPEN; the READs
+    # follow their answers.
+    assert depth[200] == depth[17] == depth[3], chain
+    assert max(d for k, d in chain if k == 5) == depth[17] + 1, chain
 
 
 @pytest.mark.parametrize("size", [1 * MIB, 40 * MIB])
