@@ -3,7 +3,8 @@
 Against a throwaway OpenSSH sshd on loopback (a Link built directly, as in
 test_transfer.py: remote paths are local paths here), and against the emulator for a
 server that refuses extra channels. The engine functions are wrapped, never replaced,
-to see which channels moved bytes.
+to see which channels moved bytes. Also: rekeys in the middle of transfers, asked for by
+a server (``RekeyLimit 1M``) or by the client.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
-from sshd_server import SSHDServer, find_sshd
+from sshd_server import SSHDServer, find_sshd, start_sshd
 from tree_helpers import Boom, link_to, raise_after, serve_link, serve_sshd
 
 from sshbridge import ConnectionLost, RemotePathError, SandboxSSH, _ranges, _sftp, _transfer
+from sshbridge import _transport as transport_mod
 from sshbridge._link import Link
 from sshbridge.emulator import Emulator
 
@@ -604,3 +607,88 @@ def test_put_to_an_existing_directory_lands_inside_and_leaves_no_temp(
     assert _sftp.put(link, src, str(rdir / "d")) == str(rdir / "d" / "in.bin")
     assert _sha(rdir / "d" / "in.bin") == digest
     assert _leftovers(rdir) == [] and _leftovers(rdir / "d") == []
+
+
+# -- rekeys -----------------------------------------------------------------------------
+# paramiko rekeys every 512 MiB, and a rekey holds every channel for two round trips;
+# sshbridge rekeys after 4 GiB (the top of OpenSSH's own default). Rekeys are counted by
+# wrapping paramiko's KEXINIT sender.
+
+
+class _Counter:
+    """A write-only file object that counts and hashes what it is given."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.h = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.n += len(data)
+        self.h.update(data)
+        return len(data)
+
+
+def _kex_inits(monkeypatch: pytest.MonkeyPatch) -> list[paramiko.Transport]:
+    """Every KEXINIT a transport sends from now on (a rekey either side starts)."""
+    sent: list[paramiko.Transport] = []
+    real = paramiko.Transport._send_kex_init
+
+    def wrapper(self: paramiko.Transport) -> Any:
+        sent.append(self)
+        return real(self)
+
+    monkeypatch.setattr(paramiko.Transport, "_send_kex_init", wrapper)
+    return sent
+
+
+@pytest.fixture(scope="module")
+def rekeying_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDServer]:
+    server = start_sshd(tmp_path_factory.mktemp("sshd-rekey"), extra_config="RekeyLimit 1M\n")
+    yield server
+    server.stop()
+
+
+def test_more_than_512_mib_moves_without_a_rekey(
+    sshd: SSHDServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sparse remote file: the bytes cost the disk nothing, the link all of them.
+    size = 600 * MIB
+    remote = sshd.home / "sparse.bin"
+    with remote.open("wb") as fh:
+        fh.truncate(size)
+    link = link_to(sshd)
+    try:
+        kex = _kex_inits(monkeypatch)
+        sink = _Counter()
+        assert _sftp.getfo(link, str(remote), sink) == size  # type: ignore[arg-type]
+        assert sink.n == size
+        assert sink.h.hexdigest() == hashlib.sha256(bytes(size)).hexdigest()
+        assert kex == [], f"{len(kex)} rekeys while moving {size // MIB} MiB"
+    finally:
+        link.close()
+        remote.unlink()
+
+
+@pytest.mark.parametrize("who", ["server", "client"])
+def test_transfers_survive_rekeys_every_mebibyte(
+    sshd: SSHDServer, rekeying_sshd: SSHDServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, who: str,
+) -> None:
+    # The server's RekeyLimit 1M, or a client limit of 1 MiB: a rekey every MiB among
+    # a parallel upload's and a download's channels, and both byte-exact.
+    server = rekeying_sshd if who == "server" else sshd
+    if who == "client":
+        monkeypatch.setattr(transport_mod, "REKEY_BYTES", MIB)
+    src = tmp_path / "src.bin"
+    digest = _random_file(src, 12 * MIB)
+    remote = server.home / f"rekeyed-{who}.bin"
+    link = link_to(server)
+    try:
+        kex = _kex_inits(monkeypatch)
+        _sftp.put(link, src, str(remote))
+        assert _sha(remote) == digest
+        _sftp.get(link, str(remote), tmp_path / "back.bin")
+        assert _sha(tmp_path / "back.bin") == digest
+        assert len(kex) >= 10, len(kex)
+    finally:
+        link.close()
