@@ -655,11 +655,11 @@ class CallSource:
         return self._pick().open_channel()
 
     @contextlib.contextmanager
-    def sftp(self) -> Iterator[paramiko.SFTPClient]:
+    def sftp(self, opened: Callable[[], None] | None = None) -> Iterator[paramiko.SFTPClient]:
         for attempt in range(5):
             link = self._pick()
             try:
-                cm = link.sftp()
+                cm = link.sftp(opened)
                 client = cm.__enter__()
             except ConnectionLost:
                 if attempt < 4 and (link.closed or link.expired or not link.alive):

@@ -571,8 +571,10 @@ class Link:
     # -- SFTP pool -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def sftp(self) -> Iterator[paramiko.SFTPClient]:
-        """Borrow an SFTP client; clients are pooled per link and never shared at once."""
+    def sftp(self, opened: Callable[[], None] | None = None) -> Iterator[paramiko.SFTPClient]:
+        """Borrow an SFTP client; clients are pooled per link and never shared at once.
+        ``opened`` runs once the client's channel is had: for a new one, as soon as it is
+        open, before its SFTP session has started."""
         with self._lock:
             self._prune()
             pair = self._sftp_idle.pop() if self._sftp_idle else None
@@ -580,6 +582,8 @@ class Link:
             chan = self.open_channel(
                 max_packet_size=SFTP_MAX_PACKET_SIZE, window_size=SFTP_WINDOW_SIZE
             )
+            if opened is not None:
+                opened()
             try:
                 # The SFTP INIT goes right behind the subsystem request instead of one
                 # round trip after it (servers feed a channel's data to the subsystem
@@ -592,6 +596,8 @@ class Link:
                 raise self.lost_error(f"while starting SFTP ({exc})") from None
             slot = chan._sshbridge_slot
             pair = (slot.conn if slot is not None else _Conn(chan.get_transport()), client)
+        elif opened is not None:
+            opened()
         ok = False
         try:
             yield pair[1]

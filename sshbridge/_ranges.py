@@ -53,7 +53,9 @@ DOWNLOAD_CHANNELS = 1
 
 
 class Source(Protocol):
-    def sftp(self) -> contextlib.AbstractContextManager[paramiko.SFTPClient]: ...
+    def sftp(
+        self, opened: Callable[[], None] | None = None
+    ) -> contextlib.AbstractContextManager[paramiko.SFTPClient]: ...
 
 
 def channels_for(size: int) -> int:
@@ -222,10 +224,16 @@ class Crew:
         self._settled = False  # no early open starts any more
         self._source = source
         self.count = count
+        self._launched = False
 
     def launch(self) -> None:
-        """Start the helpers: only once the caller holds its own client, so that on a
-        server with room for few channels the helpers never take the caller's."""
+        """Start the helpers (once): only once the caller holds its own channel, so that
+        on a server with room for few channels the helpers never take the caller's; but
+        as soon as it is open, so that their channels' setup (three round trips on
+        OpenSSH) overlaps the rest of the caller's own SFTP start."""
+        if self._launched:
+            return
+        self._launched = True
         for i in range(self.count):
             threading.Thread(target=self._helper, args=(self._source,),
                              name=f"sshbridge-range-{i}", daemon=True).start()

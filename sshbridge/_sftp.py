@@ -46,7 +46,9 @@ class FileAttributesWarning(UserWarning):
 
 
 class SFTPSource(Protocol):
-    def sftp(self) -> contextlib.AbstractContextManager[paramiko.SFTPClient]: ...
+    def sftp(
+        self, opened: Callable[[], None] | None = None
+    ) -> contextlib.AbstractContextManager[paramiko.SFTPClient]: ...
 
     def lost_error(self, what: str) -> ConnectionLost: ...
 
@@ -83,10 +85,12 @@ _LINK_ERRORS = (ConnectionError, TimeoutError)
 
 
 @contextlib.contextmanager
-def mapped(source: SFTPSource, path: str, action: str) -> Iterator[paramiko.SFTPClient]:
+def mapped(
+    source: SFTPSource, path: str, action: str, opened: Callable[[], None] | None = None
+) -> Iterator[paramiko.SFTPClient]:
     # Errors are translated, and chained to what the server or the socket said.
     try:
-        with source.sftp() as client:
+        with source.sftp(opened) as client:
             yield client
     except (RemotePathError, InvalidArgument, ConnectionLost):
         raise
@@ -546,7 +550,8 @@ def upload_file(
         # setup overlaps this one's round trips.
         crew = _ranges.Crew(source, _ranges.channels_for(size) - 1)
         try:
-            with mapped(source, remote, "upload to") as client:
+            # The helpers start as soon as this call's own channel is open.
+            with mapped(source, remote, "upload to", crew.launch) as client:
                 crew.launch()
                 open_mode = create_mode(mode) if preserve_mode else None
                 handle: bytes | None = None

@@ -77,7 +77,9 @@ from ._exceptions import ChannelOpenError, ConnectionLost, InvalidArgument, Remo
 class TreeSource(Protocol):
     """What the tree calls use: SFTP clients and exec channels on one sandbox."""
 
-    def sftp(self) -> contextlib.AbstractContextManager[paramiko.SFTPClient]: ...
+    def sftp(
+        self, opened: Callable[[], None] | None = None
+    ) -> contextlib.AbstractContextManager[paramiko.SFTPClient]: ...
 
     def open_channel(self) -> paramiko.Channel: ...
 
