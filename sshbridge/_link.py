@@ -578,12 +578,17 @@ class Link:
         with self._lock:
             self._prune()
             pair = self._sftp_idle.pop() if self._sftp_idle else None
-        if pair is None or not pair[0].transport.is_active():
+        reused = pair is not None and pair[0].transport.is_active()
+        if pair is None or not reused:
             chan = self.open_channel(
                 max_packet_size=SFTP_MAX_PACKET_SIZE, window_size=SFTP_WINDOW_SIZE
             )
-            if opened is not None:
-                opened()
+            try:
+                if opened is not None:
+                    opened()
+            except BaseException:
+                chan.close()  # the channel is not left open behind a failed callback
+                raise
             try:
                 # The SFTP INIT goes right behind the subsystem request instead of one
                 # round trip after it (servers feed a channel's data to the subsystem
@@ -596,10 +601,10 @@ class Link:
                 raise self.lost_error(f"while starting SFTP ({exc})") from None
             slot = chan._sshbridge_slot
             pair = (slot.conn if slot is not None else _Conn(chan.get_transport()), client)
-        elif opened is not None:
-            opened()
         ok = False
         try:
+            if reused and opened is not None:
+                opened()  # a failure here closes the pooled client below
             yield pair[1]
             ok = True
         finally:

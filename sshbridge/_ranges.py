@@ -199,7 +199,7 @@ class Plan:
 
 
 class Crew:
-    """The extra channels of one transfer, launched as soon as the caller has its client.
+    """The extra channels of one transfer, launched as soon as the caller has its channel.
 
     Each borrows an SFTP client at once, so that channel setup overlaps the caller's
     own round trips; opens the file once ``aim`` names how (or, for a new upload, at

@@ -737,3 +737,29 @@ def test_transfers_survive_rekeys_every_mebibyte(
         assert len(kex) >= 3, len(kex)
     finally:
         link.close()
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_failing_opened_callback_leaves_no_sftp_channel_behind(
+    sshd: SSHDServer, pooled: bool
+) -> None:
+    link = link_to(sshd)
+    try:
+        if pooled:
+            with link.sftp() as client:
+                client.listdir(".")
+        before = link.active_channels - (1 if pooled else 0)
+
+        def boom() -> None:
+            raise Boom("callback")
+
+        with pytest.raises(Boom), link.sftp(boom):
+            pytest.fail("the body must not run")
+        deadline = time.monotonic() + 5
+        while link.active_channels > before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert link.active_channels == before
+        with link.sftp() as client:  # the link still serves
+            assert isinstance(client.listdir("."), list)
+    finally:
+        link.close()
